@@ -1,0 +1,177 @@
+"""LLaMA as plain single-device PyTorch.
+
+Parameter names and the rotary convention match Hugging Face's
+`LlamaForCausalLM` (without its `model.` prefix), so converted weights give
+the same logits. Parallelism is applied from outside (megatron_jinpan.parallel):
+this file knows nothing of it. Stages of a pipeline are this same module
+with some parts set to None: `embed_tokens` on the first stage only, `norm`
+and `lm_head` on the last, and `layers` keyed by their global index.
+
+    from megatron_jinpan.models import Llama, get_model_config
+    model = Llama(get_model_config("debug"))
+    logits = model(torch.randint(0, 256, (2, 16)))   # [2, 16, vocab]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import ops
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.backend = "torch"
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps, self.backend)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.rope_backend = "torch"
+        self.attention_backend = "sdpa"
+        self.recompute_core = False  # train.recompute=selective
+
+    def forward(self, x, cos, sin, cu_seqlens=None):
+        # Head counts come from the projections' outputs, so a tensor-parallel
+        # shard (fewer local heads, or a gathered sequence under SP) just works.
+        q = self.q_proj(x)
+        b, s = q.shape[:2]
+        q = q.view(b, s, -1, self.head_dim)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        q, k = ops.apply_rotary(q, k, cos, sin, self.rope_backend)
+        if self.recompute_core and torch.is_grad_enabled():
+            out = checkpoint(self._core, q, k, v, cu_seqlens, use_reentrant=False)
+        else:
+            out = self._core(q, k, v, cu_seqlens)
+        return self.o_proj(out.reshape(b, s, -1))
+
+    def _core(self, q, k, v, cu_seqlens):
+        return ops.attention(q, k, v, cu_seqlens=cu_seqlens, backend=self.attention_backend)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.backend = "torch"
+
+    def forward(self, x):
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.backend))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.recompute_layers = False  # train.recompute=full
+
+    def set_kernels(self, choice: "ops.KernelChoice") -> "Llama":
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.backend = choice.norm
+            elif isinstance(module, Attention):
+                module.rope_backend = choice.rope
+                module.attention_backend = choice.attention
+            elif isinstance(module, MLP):
+                module.backend = choice.swiglu
+        return self
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, s] (first stage) or hidden states [b, s, h] (later stages).
+
+        Returns logits [b, s, vocab] on the last stage, hidden states otherwise.
+        `position_ids` restart per document for packed sequences; default 0..s-1.
+        """
+        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        cos, sin = ops.rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        for layer in self.layers.values():
+            if self.recompute_layers and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cu_seqlens)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.lm_head is not None:
+            h = self.lm_head(h)
+        return h
+
+
+def init_parameter(name: str, shape, cfg: LlamaConfig, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The full, layout-independent initial value of parameter `name`.
+
+    Seeded by (seed, name), so every tensor/pipeline/data layout materialises
+    identical weights: a rank generates a parameter's full value and keeps its
+    own slice. Norm weights start at one; the rest at N(0, init_std), with the
+    output projections scaled by 1/sqrt(2*num_layers) (GPT-2/Megatron).
+    """
+    import zlib
+
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, device=device, dtype=dtype)
+    generator = torch.Generator(device=device or "cpu")
+    generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    std = cfg.init_std
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        std = std / (2 * cfg.num_layers) ** 0.5
+    out = torch.empty(shape, device=device, dtype=torch.float32)
+    out.normal_(0.0, std, generator=generator)
+    return out.to(dtype)
+
+
+def init_weights(model: Llama, seed: int) -> Llama:
+    """Initialise a single-device model in place with `init_parameter`."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(init_parameter(name, param.shape, model.cfg, seed, param.device, param.dtype))
+    return model
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                   vocab_size: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy (labels already shifted); padded vocab columns are ignored."""
+    if vocab_size is not None and logits.shape[-1] > vocab_size:
+        logits = logits[..., :vocab_size]
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    if loss_mask is None:
+        return losses.mean()
+    mask = loss_mask.reshape(-1).float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,17 @@
+import os
+
+import pytest
+import torch
+
+# Keep multi-process tests on 2 cores predictable.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():  # device-ok: test-only skip logic
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
