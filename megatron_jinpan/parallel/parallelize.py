@@ -1,0 +1,97 @@
+"""Turn the single-device `Llama` into this rank's model chunks.
+
+    chunks = build_model(cfg, mesh)
+
+1. build the full model on the meta device (no memory);
+2. split its layers into pipeline stages / virtual stages (pipeline.py);
+3. swap in tensor-parallel modules and pad the vocab (tensor.py), which
+   records a `ParamSpec` per parameter in `chunk.param_specs`;
+4. materialise: every rank generates each parameter's full, layout-
+   independent initial value (seeded by name) and keeps its own slice, so
+   all layouts start from identical weights;
+5. kernels and activation recompute;
+6. wrap each chunk for data-parallel gradient reduction (data.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..models import Llama, init_parameter
+from ..models.ops import KernelChoice
+
+
+@dataclass
+class ParamSpec:
+    """How one local parameter relates to the single-device model's parameter."""
+
+    name: str                      # global name in the single-device model
+    full_shape: tuple              # unpadded global shape
+    tp_dim: int | None = None      # dim split across tensor-parallel ranks (None: replicated)
+    padded_size: int | None = None  # size of `pad_dim` after vocab padding (before the split)
+    pad_dim: int | None = None
+    # Replicated across TP but each rank sees only part of the sequence (SP):
+    # its gradient is a partial sum that must be all-reduced over TP.
+    sequence_parallel: bool = False
+
+    def local_slice(self, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+        """This rank's piece of the full (unpadded) tensor: pad, then split."""
+        if self.pad_dim is not None and self.padded_size and self.padded_size > full.shape[self.pad_dim]:
+            pad_shape = list(full.shape)
+            pad_shape[self.pad_dim] = self.padded_size - full.shape[self.pad_dim]
+            full = torch.cat([full, full.new_zeros(pad_shape)], dim=self.pad_dim)
+        if self.tp_dim is None or tp == 1:
+            return full
+        return full.chunk(tp, dim=self.tp_dim)[tp_rank]
+
+
+def param_specs(chunk: nn.Module) -> dict[str, ParamSpec]:
+    """chunk.param_specs, filled with replicated defaults for any parameter not listed."""
+    specs = getattr(chunk, "param_specs", {})
+    return {name: specs.get(name) or ParamSpec(name, tuple(p.shape)) for name, p in chunk.named_parameters()}
+
+
+@torch.no_grad()
+def materialize(chunk: nn.Module, seed: int, mesh) -> nn.Module:
+    """Allocate a meta chunk on mesh.device and fill it with its slice of the global init."""
+    chunk.to_empty(device=mesh.device)
+    cfg = chunk.cfg
+    for name, param in chunk.named_parameters():
+        spec = param_specs(chunk)[name]
+        # A tied LM head (on the last stage) starts as a copy of the embedding.
+        init_name = "embed_tokens.weight" if (cfg.tie_embeddings and spec.name == "lm_head.weight") else spec.name
+        full = init_parameter(init_name, spec.full_shape, cfg, seed, device=mesh.device)
+        param.copy_(spec.local_slice(full, mesh.tp_rank, mesh.tp))
+    return chunk
+
+
+def apply_recompute(chunk: Llama, mode: str) -> None:
+    chunk.recompute_layers = mode == "full"
+    for layer in chunk.layers.values():
+        layer.self_attn.recompute_core = mode == "selective"
+
+
+def build_model(cfg, mesh) -> list[nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), ready to train."""
+    from .data import wrap_data_parallel
+    from .pipeline import split_into_stages
+    from .tensor import apply_tensor_parallel
+
+    with torch.device("meta"):
+        full = Llama(cfg.model)
+    kernels = KernelChoice(**vars(cfg.kernels)).resolved(mesh.device.type)
+    chunks = []
+    for chunk in split_into_stages(full, mesh, cfg.parallel):
+        apply_tensor_parallel(chunk, mesh, cfg.parallel)
+        materialize(chunk, cfg.train.seed, mesh)
+        chunk.set_kernels(kernels)
+        apply_recompute(chunk, cfg.train.recompute)
+        chunks.append(chunk)
+    return wrap_data_parallel(chunks, mesh, cfg)
+
+
+def unwrap(chunk: nn.Module) -> nn.Module:
+    """The Llama chunk inside a data-parallel wrapper."""
+    return getattr(chunk, "module", chunk)

@@ -1,0 +1,65 @@
+"""`jinpan pretrain`: run under torchrun, or spawn --nproc local workers.
+
+    torchrun --nproc-per-node 4 -m megatron_jinpan pretrain --config configs/pretrain/demo.yaml parallel.tp=2
+    jinpan pretrain --config configs/pretrain/demo.yaml --nproc 4 parallel.tp=2 parallel.pp=2
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cfg, entry) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    entry(cfg)
+
+
+def launch(cfg, entry, nproc: int) -> None:
+    """Run entry(cfg) on nproc local processes (or in-process when already launched / nproc=1)."""
+    from ..parallel.validate import validate_config
+
+    under_launcher = "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if under_launcher else nproc
+    validate_config(cfg, world)  # fail before any process starts
+    if under_launcher or nproc == 1:
+        entry(cfg)
+        return
+    import torch.multiprocessing as mp
+
+    # Share the cores between workers rather than oversubscribing them.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    mp.spawn(_worker, args=(nproc, _free_port(), cfg, entry), nprocs=nproc, join=True)
+
+
+def _pretrain_entry(cfg) -> None:
+    from .loop import pretrain
+
+    pretrain(cfg)
+
+
+def cmd_pretrain(args) -> int:
+    from ..config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    launch(cfg, _pretrain_entry, args.nproc)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="(continued) pretraining",
+                              description="Pretrain per a YAML recipe; trailing key=value items override it.")
+    p.add_argument("--config", required=False, help="YAML recipe, e.g. configs/pretrain/demo.yaml")
+    p.add_argument("--nproc", type=int, default=1, help="local worker processes when not under torchrun")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.steps=100")
+    p.set_defaults(func=cmd_pretrain, accepts_overrides=True)
