@@ -95,3 +95,33 @@ def build_model(cfg, mesh) -> list[nn.Module]:
 def unwrap(chunk: nn.Module) -> nn.Module:
     """The Llama chunk inside a data-parallel wrapper."""
     return getattr(chunk, "module", chunk)
+
+
+@torch.no_grad()
+def gather_full_state_dict(chunks, mesh) -> dict[str, torch.Tensor]:
+    """The single-device model's state dict (global names, unpadded, on CPU), on every rank.
+
+    Gathers tensor-parallel shards and pipeline stages. Meant for small models
+    (tests, conversion of a finished run), not for checkpointing a 13B model.
+    """
+    from . import comm
+
+    local: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        module = unwrap(chunk)
+        for name, spec in param_specs(module).items():
+            if module.cfg.tie_embeddings and spec.name == "lm_head.weight":
+                continue  # the tied head is the embedding
+            tensor = module.get_parameter(name).detach()
+            if spec.tp_dim is not None and mesh.tp > 1:
+                moved = tensor.movedim(spec.tp_dim, 0).contiguous()
+                out = moved.new_empty((moved.shape[0] * mesh.tp, *moved.shape[1:]))
+                comm.all_gather_into_tensor(out, moved, mesh.tp_group)
+                tensor = out.movedim(0, spec.tp_dim)
+            if spec.pad_dim is not None:
+                tensor = tensor.narrow(spec.pad_dim, 0, spec.full_shape[spec.pad_dim])
+            local[spec.name] = tensor.float().cpu().clone()
+    merged: dict[str, torch.Tensor] = {}
+    for part in comm.all_gather_object(local, mesh.pp_group):
+        merged.update(part)
+    return merged
