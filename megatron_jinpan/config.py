@@ -195,6 +195,11 @@ def _check_type(key: str, value: Any, annotation) -> Any:
             return value
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{key} must be a number, got {value!r}")
