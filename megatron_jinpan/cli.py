@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:  # that area is not built yet
+            if exc.name and name.startswith(exc.name):  # that area is not built yet
                 continue
             raise
         module.register(subparsers)
