@@ -10,3 +10,8 @@ def load_model(path, dtype=None, device=None):
 
 
 __all__ = ["load_model", "__version__"]
+
+import warnings as _warnings
+
+# megatron-core (used for its datasets only) warns that apex/TE are absent; we do not need them.
+_warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
