@@ -1,41 +1,300 @@
-"""Tensor parallelism (placeholder for tp=1: vocab padding and the loss).
+"""Megatron-style tensor and sequence parallelism, applied from outside the model.
 
-`apply_tensor_parallel(chunk, mesh, pcfg)` swaps modules of a (meta) Llama
-chunk for their parallel versions and records `chunk.param_specs`.
-`vocab_parallel_cross_entropy` computes per-token losses without gathering
-the vocab dimension.
+`apply_tensor_parallel(chunk, mesh, pcfg)` swaps the linears and embedding of
+a (meta) `Llama` chunk for their parallel versions and records
+`chunk.param_specs` (how each local parameter is cut from the global one):
+
+    q/k/v_proj, gate/up_proj -> ColumnParallelLinear   weight [out/tp, in]   tp_dim 0
+    o_proj, down_proj        -> RowParallelLinear      weight [out, in/tp]   tp_dim 1
+    embed_tokens             -> VocabParallelEmbedding weight [V'/tp, h]     tp_dim 0 (V' = padded vocab)
+    lm_head                  -> ColumnParallelLinear   weight [V'/tp, h]     tp_dim 0, logits stay split
+
+Heads (and GQA kv-heads) are split in contiguous blocks: rank r owns q heads
+[r*nh/tp, (r+1)*nh/tp) and kv heads [r*nkv/tp, (r+1)*nkv/tp), which are
+exactly the kv heads those q heads use under HF's repeat_interleave grouping.
+
+Sequence parallelism (`parallel.sp`): activations between the parallel
+regions are split along the sequence, [b, s/tp, h]. The embedding
+reduce-scatters (instead of all-reducing), column-parallel linears all-gather
+the sequence of their input, row-parallel linears reduce-scatter their
+output, norms run on the sequence shard (their weight grads are partial and
+summed over TP by `finalize_model_grads`, `ParamSpec.sequence_parallel`),
+and the LM head gathers the sequence, so logits are [b, s, V'/tp].
+
+`parallel.tp_comm_overlap`: the backward of a column-parallel linear launches
+the input-gradient all-reduce (reduce-scatter under SP) asynchronously and
+computes the weight gradient while it runs.
+
+`vocab_parallel_cross_entropy` computes per-token losses from the split
+logits with three small all-reduces (max, sum of exp, target logit); the
+full-vocab logits are never gathered.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import comm, mappings
 from .parallelize import ParamSpec
 
 
+# ---------------------------------------------------------------- column-parallel matmul with async grad comm
+class _ColumnParallelMatmul(torch.autograd.Function):
+    """y = gather_seq?(x) @ W^T, whose backward overlaps the input-grad collective with the weight grad."""
+
+    @staticmethod
+    def forward(ctx, x, weight, group, sequence_parallel):
+        if sequence_parallel:
+            total = mappings.gather_dim(x, group, mappings.SEQ_DIM)
+        else:
+            total = x
+        out = F.linear(total, weight)  # autocast (if on) applies here
+        ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        ctx.compute_dtype = out.dtype
+        # Under SP keep only the local shard and gather it again in backward (memory, like Megatron).
+        ctx.save_for_backward(x if sequence_parallel else total, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        group, sp = ctx.group, ctx.sequence_parallel
+        dtype = grad_out.dtype
+        if sp:
+            # Re-gather the input asynchronously while computing the input gradient.
+            _, finish_gather = mappings.all_gather_dim(x, group, mappings.SEQ_DIM, async_op=True)
+        grad_input = grad_out.matmul(weight.to(dtype))
+        if sp:
+            total = finish_gather()
+            # Reduce-scatter the input grad along the sequence while the weight grad is computed.
+            _, finish_comm = mappings.reduce_scatter_dim(grad_input, group, mappings.SEQ_DIM, async_op=True)
+        else:
+            total = x
+            grad_input, handle = mappings.all_reduce(grad_input, group, async_op=True)
+            finish_comm = (lambda: (handle.wait() if handle is not None else None, grad_input)[1])
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        t2 = total.reshape(-1, total.shape[-1]).to(dtype)
+        grad_weight = g2.t().matmul(t2).to(weight.dtype)
+        grad_input = finish_comm()
+        return grad_input.to(x.dtype).contiguous(), grad_weight, None, None
+
+
+class ColumnParallelLinear(nn.Module):
+    """Linear with the output dim split across TP: weight [out/tp, in]; no bias (LLaMA has none).
+
+    Input is replicated ([b, s, in]) or, under SP, sequence-split ([b, s/tp, in]);
+    output is [b, s, out/tp] (never gathered).
+    """
+
+    def __init__(self, in_features: int, out_features_local: int, group, sequence_parallel: bool = False,
+                 comm_overlap: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features_local = in_features, out_features_local
+        self.weight = nn.Parameter(torch.empty(out_features_local, in_features, device=device, dtype=dtype))
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+        self.comm_overlap = comm_overlap
+
+    def forward(self, x):
+        if mappings._world(self.group) == 1:
+            return F.linear(x, self.weight)
+        if self.comm_overlap and torch.is_grad_enabled():
+            return _ColumnParallelMatmul.apply(x, self.weight, self.group, self.sequence_parallel)
+        if self.sequence_parallel:
+            x = mappings.gather_from_sequence_parallel_region(x, self.group)
+        else:
+            x = mappings.copy_to_tp_region(x, self.group)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out_local={self.out_features_local}, sp={self.sequence_parallel}, "
+                f"overlap={self.comm_overlap}")
+
+
+class RowParallelLinear(nn.Module):
+    """Linear with the input dim split across TP: weight [out, in/tp]; input is [b, s, in/tp].
+
+    Output is summed over TP: all-reduce -> [b, s, out], or under SP reduce-scatter -> [b, s/tp, out].
+    """
+
+    def __init__(self, in_features_local: int, out_features: int, group, sequence_parallel: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features_local, self.out_features = in_features_local, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features_local, device=device, dtype=dtype))
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x):
+        out = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_parallel_region(out, self.group)
+        return mappings.reduce_from_tp_region(out, self.group)
+
+    def extra_repr(self) -> str:
+        return f"in_local={self.in_features_local}, out={self.out_features}, sp={self.sequence_parallel}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the (padded) vocab split across TP: rank r owns rows [r*V/tp, (r+1)*V/tp).
+
+    Ids outside this rank's range give zeros; the partial embeddings are
+    summed over TP (all-reduce -> [b, s, h], or reduce-scatter under SP -> [b, s/tp, h]).
+    """
+
+    def __init__(self, num_embeddings_local: int, embedding_dim: int, vocab_start: int, group,
+                 sequence_parallel: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings_local, self.embedding_dim = num_embeddings_local, embedding_dim
+        self.vocab_start, self.vocab_end = vocab_start, vocab_start + num_embeddings_local
+        self.weight = nn.Parameter(torch.empty(num_embeddings_local, embedding_dim, device=device, dtype=dtype))
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, ids):
+        if mappings._world(self.group) == 1:
+            out = F.embedding(ids, self.weight)
+        else:
+            outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+            local = (ids - self.vocab_start).masked_fill(outside, 0)
+            out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_parallel_region(out, self.group)
+        return mappings.reduce_from_tp_region(out, self.group)
+
+    def extra_repr(self) -> str:
+        return f"rows=[{self.vocab_start}, {self.vocab_end}), dim={self.embedding_dim}, sp={self.sequence_parallel}"
+
+
+# ---------------------------------------------------------------- applying TP/SP to a chunk
 def apply_tensor_parallel(chunk, mesh, pcfg) -> None:
-    if mesh.tp != 1:
-        raise NotImplementedError("tensor parallelism is not implemented yet")
+    """Swap the chunk's modules for tensor-parallel ones (on the meta device) and record param specs."""
     cfg = chunk.cfg
-    padded = cfg.padded_vocab_size(mesh.tp)
-    specs = {}
+    tp = mesh.tp
+    padded = cfg.padded_vocab_size(tp)
+    h = cfg.hidden_size
+    specs: dict[str, ParamSpec] = {}
+    meta = torch.device("meta")
+
+    if tp == 1:
+        # Vocab padding only; the modules stay plain.
+        if chunk.embed_tokens is not None:
+            chunk.embed_tokens = nn.Embedding(padded, h, device=meta)
+            specs["embed_tokens.weight"] = ParamSpec("embed_tokens.weight", (cfg.vocab_size, h),
+                                                     pad_dim=0, padded_size=padded)
+        if chunk.lm_head is not None:
+            chunk.lm_head = nn.Linear(h, padded, bias=False, device=meta)
+            if cfg.tie_embeddings and chunk.embed_tokens is not None:
+                chunk.lm_head.weight = chunk.embed_tokens.weight
+            else:
+                specs["lm_head.weight"] = ParamSpec("lm_head.weight", (cfg.vocab_size, h),
+                                                    pad_dim=0, padded_size=padded)
+        chunk.param_specs = specs
+        return
+
+    group = mesh.tp_group
+    sp = bool(getattr(pcfg, "sp", False))
+    overlap = bool(getattr(pcfg, "tp_comm_overlap", False))
+    for what, total in (("model.num_heads", cfg.num_heads), ("model.num_kv_heads", cfg.num_kv_heads),
+                        ("model.intermediate_size", cfg.intermediate_size), ("padded vocab", padded)):
+        if total % tp:
+            raise ValueError(f"{what}={total} is not divisible by parallel.tp={tp}")
+    hd = cfg.head_dim
+    q_out, kv_out, ffn = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
+
+    def column(name, full_out):
+        specs[name + ".weight"] = ParamSpec(name + ".weight", (full_out, h), tp_dim=0)
+        return ColumnParallelLinear(h, full_out // tp, group, sp, overlap, device=meta)
+
+    def row(name, full_in):
+        specs[name + ".weight"] = ParamSpec(name + ".weight", (h, full_in), tp_dim=1)
+        return RowParallelLinear(full_in // tp, h, group, sp, device=meta)
+
+    for idx, layer in chunk.layers.items():
+        p = f"layers.{idx}"
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj = column(f"{p}.self_attn.q_proj", q_out)
+        attn.k_proj = column(f"{p}.self_attn.k_proj", kv_out)
+        attn.v_proj = column(f"{p}.self_attn.v_proj", kv_out)
+        attn.o_proj = row(f"{p}.self_attn.o_proj", q_out)
+        mlp.gate_proj = column(f"{p}.mlp.gate_proj", ffn)
+        mlp.up_proj = column(f"{p}.mlp.up_proj", ffn)
+        mlp.down_proj = row(f"{p}.mlp.down_proj", ffn)
+        if sp:
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                name = f"{p}.{norm}.weight"
+                specs[name] = ParamSpec(name, (h,), sequence_parallel=True)
+    if sp and chunk.norm is not None:
+        specs["norm.weight"] = ParamSpec("norm.weight", (h,), sequence_parallel=True)
+
+    local_vocab = padded // tp
     if chunk.embed_tokens is not None:
-        chunk.embed_tokens = nn.Embedding(padded, cfg.hidden_size, device="meta")
-        specs["embed_tokens.weight"] = ParamSpec("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size),
+        chunk.embed_tokens = VocabParallelEmbedding(local_vocab, h, mesh.tp_rank * local_vocab, group, sp,
+                                                    device=meta)
+        specs["embed_tokens.weight"] = ParamSpec("embed_tokens.weight", (cfg.vocab_size, h), tp_dim=0,
                                                  pad_dim=0, padded_size=padded)
     if chunk.lm_head is not None:
+        chunk.lm_head = ColumnParallelLinear(h, local_vocab, group, sp, overlap, device=meta)
         if cfg.tie_embeddings and chunk.embed_tokens is not None:
-            chunk.lm_head = nn.Linear(cfg.hidden_size, padded, bias=False, device="meta")
             chunk.lm_head.weight = chunk.embed_tokens.weight
         else:
-            chunk.lm_head = nn.Linear(cfg.hidden_size, padded, bias=False, device="meta")
-            specs["lm_head.weight"] = ParamSpec("lm_head.weight", (cfg.vocab_size, cfg.hidden_size),
+            specs["lm_head.weight"] = ParamSpec("lm_head.weight", (cfg.vocab_size, h), tp_dim=0,
                                                 pad_dim=0, padded_size=padded)
     chunk.param_specs = specs
 
 
+# ---------------------------------------------------------------- vocab-parallel cross-entropy
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, vocab_size, group):
+        x = logits.float()
+        n_local = x.shape[-1]
+        # Padded vocab columns (global index >= vocab_size) never win: -inf.
+        valid_cols = vocab_size - vocab_start
+        if valid_cols < n_local:
+            x = x.clone()
+            x[..., max(valid_cols, 0):] = float("-inf")
+        logits_max = x.max(dim=-1).values
+        _tp_all_reduce(logits_max, group, op=dist.ReduceOp.MAX)
+        x = x - logits_max.unsqueeze(-1)
+        # Target logit: only the rank owning the label's column contributes.
+        outside = (labels < vocab_start) | (labels >= vocab_start + n_local)
+        local = (labels - vocab_start).masked_fill(outside, 0)
+        target = x.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        _tp_all_reduce(target, group)
+        exp = x.exp_()
+        sum_exp = exp.sum(dim=-1)
+        _tp_all_reduce(sum_exp, group)
+        loss = sum_exp.log() - target
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local, outside)
+        ctx.logits_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, outside = ctx.saved_tensors
+        grad = softmax.clone()
+        hit = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad.to(ctx.logits_dtype), None, None, None, None
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, mesh) -> torch.Tensor:
-    """Per-token cross-entropy [b, s]; columns >= vocab_size (padding) are ignored."""
-    logits = logits[..., :vocab_size].float()
-    return F.cross_entropy(logits.reshape(-1, vocab_size), labels.reshape(-1), reduction="none").view(labels.shape)
+    """Per-token cross-entropy [b, s] from logits split on the vocab ([b, s, V'/tp] on each TP rank).
+
+    Columns with global index >= vocab_size (padding) are ignored. The loss is
+    identical on every TP rank; the gradient flows only to this rank's columns.
+    """
+    tp = mesh.tp if mesh is not None else 1
+    group = mesh.tp_group if tp > 1 else None  # None: nothing to reduce (not "the world")
+    vocab_start = mesh.tp_rank * logits.shape[-1] if tp > 1 else 0
+    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, vocab_size, group)
+
+
+def _tp_all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
+    if group is not None:
+        comm.all_reduce(tensor, group, op=op)
