@@ -58,6 +58,8 @@ def materialize(chunk: nn.Module, seed: int, mesh) -> nn.Module:
     """Allocate a meta chunk on mesh.device and fill it with its slice of the global init."""
     chunk.to_empty(device=mesh.device)
     cfg = chunk.cfg
+    if cfg.tie_embeddings and chunk.embed_tokens is not None and chunk.lm_head is not None:
+        chunk.lm_head.weight = chunk.embed_tokens.weight  # to_empty() unties shared parameters
     for name, param in chunk.named_parameters():
         spec = param_specs(chunk)[name]
         # A tied LM head (on the last stage) starts as a copy of the embedding.
