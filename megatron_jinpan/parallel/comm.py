@@ -23,6 +23,10 @@ import torch.distributed as dist
 
 _GROUP_NAMES: dict = {}
 
+# torch >= 2.13 renames the tensor collectives (*_single); older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def name_group(group, name: str) -> None:
     _GROUP_NAMES[group] = name
@@ -90,7 +94,7 @@ def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group=Non
         output.copy_(tensor)
         return None
     _record("all_gather", group, _nbytes(output))
-    return dist.all_gather_into_tensor(output, tensor.contiguous(), group=group, async_op=async_op)
+    return _all_gather_single(output, tensor.contiguous(), group=group, async_op=async_op)
 
 
 def reduce_scatter_tensor(output: torch.Tensor, tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM,
@@ -100,7 +104,7 @@ def reduce_scatter_tensor(output: torch.Tensor, tensor: torch.Tensor, group=None
         output.copy_(tensor)
         return None
     _record("reduce_scatter", group, _nbytes(tensor))
-    return dist.reduce_scatter_tensor(output, tensor.contiguous(), op=op, group=group, async_op=async_op)
+    return _reduce_scatter_single(output, tensor.contiguous(), op=op, group=group, async_op=async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group=None, async_op: bool = False):
