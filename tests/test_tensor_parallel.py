@@ -202,19 +202,27 @@ def reference(tmp_path_factory):
     return run_layout([], 1, tmp_path_factory.mktemp("tp_ref"))
 
 
-# Losses and grad norms match to 1e-5 relative. TP sums partial products in a
-# different fp32 order than one device; a few weights whose gradient is ~1e-8
-# (where Adam's m/(sqrt(v)+eps) is most sensitive) then move by ~1e-6 absolute
-# after 3 steps at lr 3e-3, hence atol 5e-6 on parameters (as for DP
-# accumulation in test_data_parallel.py). Gradients themselves are compared
-# tightly in test_parallel_layers_and_model_match_single_device.
-PARAM_ATOL = 5e-6
+# Losses and grad norms must match to 1e-5 relative. Parameters: TP computes
+# every activation with a different fp32 summation order than one device
+# (split-K partial sums, then an all-reduce), so gradients differ at the
+# 1e-7 relative level; Adam's m/(sqrt(v)+eps) amplifies that for the few
+# weights whose gradient is ~eps (with optim.eps=1e-6 the worst element
+# drops ~10x). After 3 steps at lr 3e-3 a single element can move by ~2.5e-5
+# (under 1% of one Adam step), so parameters are compared with atol 5e-5
+# element-wise and 5e-5 relative in norm per tensor. The gradients themselves
+# are compared tightly (1e-5 rel, 1e-6 abs) in
+# test_parallel_layers_and_model_match_single_device.
+PARAM_ATOL = 5e-5
+PARAM_RTOL_NORM = 5e-5
 
 
 def _assert_matches(reference, out):
     assert_same_training(reference, out, atol=PARAM_ATOL)
     torch.testing.assert_close(torch.tensor(out["grad_norms"]), torch.tensor(reference["grad_norms"]),
                                rtol=1e-5, atol=1e-7)
+    for name, ref in reference["params"].items():
+        rel = float((out["params"][name] - ref).norm() / ref.norm().clamp(min=1e-12))
+        assert rel <= PARAM_RTOL_NORM, f"{name}: relative difference {rel:.2e} in norm"
 
 
 @pytest.mark.parametrize("overrides", [
