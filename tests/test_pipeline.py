@@ -118,6 +118,8 @@ def reference_tied(workdir):
 def test_pipeline_matches_single_process(reference, workdir, overrides, nproc):
     out = _run(overrides, nproc, workdir / "_".join(o.split("=")[-1] for o in overrides))
     assert_same_training(reference, out)
+    torch.testing.assert_close(torch.tensor(out["grad_norms"]), torch.tensor(reference["grad_norms"]),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_tied_embeddings_across_stages(reference_tied, workdir):
@@ -136,4 +138,8 @@ def _full_3d_supported() -> bool:
 @pytest.mark.skipif(not _full_3d_supported(), reason="tensor parallelism with SP (or ZeRO-1) is not in yet")
 def test_full_3d_tp2_pp2_dp2_sp_zero1(reference, workdir):
     out = _run(["parallel.tp=2", "parallel.pp=2", "parallel.sp=true", "parallel.zero=1"], 8, workdir / "3d")
-    assert_same_training(reference, out)
+    # TP sums partial products in another fp32 order; a few weights with ~1e-8
+    # gradients then move ~1e-6 through Adam in 3 steps (see test_tensor_parallel.py).
+    assert_same_training(reference, out, atol=5e-6)
+    torch.testing.assert_close(torch.tensor(out["grad_norms"]), torch.tensor(reference["grad_norms"]),
+                               rtol=1e-5, atol=1e-7)
