@@ -98,8 +98,8 @@ class Optimizer:
             kwargs["fused"] = True
         groups = [{"params": decay, "weight_decay": o.weight_decay, "name": "decay"},
                   {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-        self.inner = torch.optim.AdamW([g for g in groups if g["params"]] or [{"params": []}], **kwargs) \
-            if self.segments else None
+        # Both groups always exist (possibly empty on a rank), so param_groups look alike everywhere.
+        self.inner = torch.optim.AdamW(groups, **kwargs)
         self._init_state()
         for chunk in chunks:
             chunk._optimizer = weakref.ref(self)
