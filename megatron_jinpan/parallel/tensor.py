@@ -192,6 +192,7 @@ def apply_tensor_parallel(chunk, mesh, pcfg) -> None:
                 specs["lm_head.weight"] = ParamSpec("lm_head.weight", (cfg.vocab_size, h),
                                                     pad_dim=0, padded_size=padded)
         chunk.param_specs = specs
+        chunk.sequence_parallel = False
         return
 
     group = mesh.tp_group
@@ -243,6 +244,8 @@ def apply_tensor_parallel(chunk, mesh, pcfg) -> None:
             specs["lm_head.weight"] = ParamSpec("lm_head.weight", (cfg.vocab_size, h), tp_dim=0,
                                                 pad_dim=0, padded_size=padded)
     chunk.param_specs = specs
+    # Stage-boundary activations are [b, s/tp, h] under SP (read by the pipeline schedules).
+    chunk.sequence_parallel = sp
 
 
 # ---------------------------------------------------------------- vocab-parallel cross-entropy
