@@ -55,6 +55,7 @@ def _check_layers(mesh):
     (yr * gy).sum().backward()
 
     for sp in (False, True):
+        got = {}
         for overlap in (False, True):
             col = ColumnParallelLinear(h, out // tp, g, sequence_parallel=sp, comm_overlap=overlap)
             with torch.no_grad():
@@ -65,6 +66,10 @@ def _check_layers(mesh):
             (y * gy.chunk(tp, -1)[r]).sum().backward()
             _close(col.weight.grad, wr.grad.chunk(tp, 0)[r])
             _close(xin.grad, xr.grad.chunk(tp, 1)[r] if sp else xr.grad, msg=f"column dx sp={sp} overlap={overlap}")
+            got[overlap] = (y.detach(), col.weight.grad, xin.grad)
+        # The overlapped backward (async input-grad collective during the weight-grad matmul) is bitwise identical.
+        for a, b_ in zip(got[False], got[True]):
+            assert torch.equal(a, b_), f"tp_comm_overlap on/off differ (sp={sp})"
 
     # row parallel: weight [h_out, out] split on dim 1, input split on the last dim
     w2 = torch.randn(h, out)
