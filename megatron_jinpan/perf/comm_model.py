@@ -26,14 +26,16 @@ Two halves:
      zero=1: reduce-scatter of the same buffer + all-gather of the updated
      parameters (param dtype). Plus three 8-byte scalars (global token count,
      loss on the last stage, grad-norm over dp under zero=1).
-   - TP (Megatron convention), per micro-batch and layer: forward 2
-     all-reduces of [b,s,h] (attention and MLP row-parallel outputs) and
-     backward 2 (column-parallel input grads); with SP these become
-     all-gathers / reduce-scatters of [b,s,h] (forward 2 AG + 2 RS,
-     backward 2 RS + 2 AG, + 2 AG re-gathering the input for weight grads).
-     The vocab-parallel embedding adds a forward all-reduce (SP: a
-     reduce-scatter), the column-parallel LM head a backward all-reduce (SP:
-     AG forward + RS backward), the vocab-parallel cross-entropy 3
+   - TP, per micro-batch and layer, with c = 5 column-parallel linears
+     (q, k, v, gate, up: each reduces its own input gradient) and r = 2
+     row-parallel ones (o, down): all-reduces of [b,s,h], r forward + c
+     backward; with SP: all-gathers (c forward, r + c backward, the latter
+     re-gathering inputs for weight grads) and reduce-scatters (r forward, c
+     backward) of [b,s,h]. Megatron fuses QKV and gate/up (c = 2): this
+     engine moves 7 instead of 4 [b,s,h] tensors per layer. The vocab-
+     parallel embedding adds a forward all-reduce (SP: RS forward, AG
+     backward), the column-parallel LM head a backward all-reduce (SP: AG
+     forward, AG + RS backward), the vocab-parallel cross-entropy 3
      all-reduces of [b,s] fp32; SP norm weights add one all-reduce of their
      grads. Plus 8 bytes of grad-norm on the model group.
    - PP, per micro-batch and virtual chunk boundary: send/recv of the
@@ -46,6 +48,10 @@ import math
 from dataclasses import dataclass
 
 _PAD_ELEMS = 64  # keep equal to parallel/data.py
+# parallel/tensor.py keeps q, k, v and gate, up as separate column-parallel linears (each reduces
+# its own input gradient) and o, down as row-parallel ones. Megatron fuses QKV and gate/up (2 + 2).
+COLUMN_LINEARS_PER_LAYER = 5
+ROW_LINEARS_PER_LAYER = 2
 
 
 # ====================================================================== α-β costs
@@ -216,8 +222,8 @@ def expected_comm_bytes(cfg, world_size: int, rank: int = 0, act_bytes: int | No
                         param_bytes: int = 4) -> dict:
     """{(op, group): {"calls", "bytes"}} that comm accounting records on `rank` for one optimizer step.
 
-    Exact for the DP/ZeRO part and the scalars; the TP and PP parts follow the
-    Megatron convention described in the module docstring.
+    Matches comm accounting exactly (bytes and calls) for DP, ZeRO-1, TP, SP and PP (1F1B/GPipe);
+    tests/test_perf_comm.py checks it on real steps.
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp = p.tp, p.pp
@@ -254,17 +260,23 @@ def expected_comm_bytes(cfg, world_size: int, rank: int = 0, act_bytes: int | No
         layers = sum(sum(1 for n, _ in c if n.endswith("input_layernorm.weight")) for c in chunks)
         has_embed = any(n == "embed_tokens.weight" for c in chunks for n, _ in c)
         has_head = any(n == "norm.weight" for c in chunks for n, _ in c)
+        c, r = COLUMN_LINEARS_PER_LAYER, ROW_LINEARS_PER_LAYER
         for _ in range(n_micro):
             if p.sp:
-                _add(out, "all_gather", "tp", bsh * 6 * layers, 6 * layers)
-                _add(out, "reduce_scatter", "tp", bsh * 4 * layers, 4 * layers)
-                if has_embed:
+                # forward: each column-parallel linear gathers its input, each row-parallel one
+                # reduce-scatters its output; backward: the transposes (RS / AG) + one AG per
+                # column-parallel linear to re-gather its input for the weight gradient.
+                _add(out, "all_gather", "tp", bsh * (2 * c + r) * layers, (2 * c + r) * layers)
+                _add(out, "reduce_scatter", "tp", bsh * (c + r) * layers, (c + r) * layers)
+                if has_embed:  # forward RS, backward AG
                     _add(out, "reduce_scatter", "tp", bsh)
-                if has_head:
                     _add(out, "all_gather", "tp", bsh)
+                if has_head:  # forward AG, backward re-gather AG + input-grad RS
+                    _add(out, "all_gather", "tp", 2 * bsh, 2)
                     _add(out, "reduce_scatter", "tp", bsh)
             else:
-                _add(out, "all_reduce", "tp", bsh * 4 * layers, 4 * layers)
+                # forward: all-reduce of each row-parallel output; backward: of each column-parallel input grad
+                _add(out, "all_reduce", "tp", bsh * (c + r) * layers, (c + r) * layers)
                 if has_embed:
                     _add(out, "all_reduce", "tp", bsh)
                 if has_head:
