@@ -1,0 +1,214 @@
+"""RMSNorm in Triton: forward, backward (dX and dW), optional fused residual add.
+
+    from megatron_jinpan.kernels.rmsnorm import rms_norm, RMSNorm
+    y = rms_norm(x, weight, eps)                          # == ops.rms_norm_reference
+    y, s = rms_norm(x, weight, eps, residual=r)           # s = x + r (next residual), y = norm(s)
+
+Layers, bottom up (DESIGN rule 6):
+- `_rmsnorm_fwd_kernel` / `_rmsnorm_bwd_kernel`: one program per row in the
+  forward; in the backward each program owns a contiguous block of rows and
+  writes its own fp32 partial dW row, which the launcher sums with one
+  `torch.sum` -- a fixed reduction order, so dW is bitwise deterministic
+  (no atomics).
+- `_forward` / `_backward`: launchers (flatten to [rows, hidden], pick the
+  block size, allocate outputs).
+- `RMSNormFunction`: the `torch.autograd.Function`.
+- `rms_norm` and the `RMSNorm` module.
+
+Numerics match Hugging Face's LlamaRMSNorm (the reference in
+`megatron_jinpan.models.ops.rms_norm_reference`): the statistics are taken
+in fp32, the normalised value is rounded to the input dtype, then scaled by
+the weight in the promoted dtype of (input, weight). Any hidden size works
+(the row is one masked power-of-two block).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_jinpan.models.ops import rms_norm_reference as reference  # noqa: F401  (the in-file reference)
+
+MAX_FUSED_SIZE = 65536
+
+
+# ------------------------------------------------------------------ kernels
+@triton.jit
+def _rmsnorm_fwd_kernel(
+    X, R, S, Y, W, RSTD,
+    stride_x, stride_r, stride_s, stride_y,
+    N, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        x = x + r  # in the input dtype, like `x + residual` in PyTorch
+        tl.store(S + row * stride_s + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    mean_sq = tl.sum(xf * xf, axis=0) / N
+    rstd = 1.0 / tl.sqrt(mean_sq + eps)
+    tl.store(RSTD + row, rstd)
+    xhat = (xf * rstd).to(x.dtype).to(tl.float32)  # rounded like HF before the weight
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (xhat * w).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(
+    DY, X, W, RSTD, DS, DX, DW_PARTIAL,
+    stride_dy, stride_x, stride_ds, stride_dx,
+    M, N, rows_per_program,
+    HAS_DRESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    start64 = row_start.to(tl.int64)
+    x_ptr = X + start64 * stride_x
+    dy_ptr = DY + start64 * stride_dy
+    dx_ptr = DX + start64 * stride_dx
+    ds_ptr = DS + start64 * stride_ds
+    for row in range(row_start, row_end):
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        xhat = x * rstd
+        dw += dy * xhat
+        g = dy * w
+        # d/dx of x*rstd(x): rstd * (g - xhat * mean(g * xhat))
+        c = tl.sum(g * xhat, axis=0) / N
+        dx = (g - xhat * c) * rstd
+        if HAS_DRESIDUAL:
+            dx += tl.load(ds_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            ds_ptr += stride_ds
+        tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        x_ptr += stride_x
+        dy_ptr += stride_dy
+        dx_ptr += stride_dx
+    tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
+
+
+# ------------------------------------------------------------------ launchers
+def _block_and_warps(n: int):
+    block = triton.next_power_of_2(n)
+    if block > MAX_FUSED_SIZE:
+        raise ValueError(f"rms_norm: hidden size {n} exceeds the fused limit {MAX_FUSED_SIZE}")
+    warps = 1 if block <= 256 else 2 if block <= 1024 else 4 if block <= 4096 else 8 if block <= 16384 else 16
+    return block, warps
+
+
+def _num_programs_hint(device: torch.device) -> int:
+    """Programs for the backward's row blocks: a few per SM on a GPU, few on CPU."""
+    if device.type == "cpu":
+        return 4
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+        return 4 * int(props["multiprocessor_count"])
+    except Exception:  # pragma: no cover - exotic drivers
+        return 512
+
+
+def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t = t.reshape(-1, n)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(x, weight, eps, residual=None):
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {n}")
+    x2 = _as_rows(x, n)
+    m = x2.shape[0]
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty((m, n), device=x.device, dtype=out_dtype)
+    rstd = torch.empty((m,), device=x.device, dtype=torch.float32)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
+        r2 = _as_rows(residual.to(x.dtype), n)
+        s2 = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    else:
+        r2 = s2 = x2
+    block, warps = _block_and_warps(n)
+    if m > 0:
+        _rmsnorm_fwd_kernel[(m,)](
+            x2, r2, s2, y, weight, rstd,
+            x2.stride(0), r2.stride(0), s2.stride(0), y.stride(0),
+            n, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=warps,
+        )
+    normed_input = s2 if residual is not None else x2
+    return y.view(*x.shape[:-1], n), normed_input, rstd
+
+
+def _backward(dy, x2, weight, rstd, dsum=None):
+    """dy: grad of the output; x2: the normalised input [m, n]; dsum: grad of the residual sum."""
+    m, n = x2.shape
+    dy2 = _as_rows(dy, n)
+    dx = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    programs = max(1, min(m, _num_programs_hint(x2.device)))
+    rows_per_program = triton.cdiv(m, programs) if m else 1
+    programs = triton.cdiv(m, rows_per_program) if m else 1
+    dw_partial = torch.zeros((programs, n), device=x2.device, dtype=torch.float32)
+    ds2 = _as_rows(dsum, n) if dsum is not None else dy2
+    block, warps = _block_and_warps(n)
+    if m > 0:
+        _rmsnorm_bwd_kernel[(programs,)](
+            dy2, x2, weight, rstd, ds2, dx, dw_partial,
+            dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
+            m, n, rows_per_program,
+            HAS_DRESIDUAL=dsum is not None, BLOCK_N=block, num_warps=warps,
+        )
+    dw = dw_partial.sum(0).to(weight.dtype)  # fixed order: deterministic
+    return dx, dw
+
+
+# ------------------------------------------------------------------ autograd
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, residual):
+        y, normed_input, rstd = _forward(x, weight, eps, residual)
+        ctx.save_for_backward(normed_input, weight, rstd)
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        ctx.has_residual = residual is not None
+        ctx.residual_dtype = residual.dtype if residual is not None else None
+        if residual is not None:
+            ctx.set_materialize_grads(False)
+            return y, normed_input.view(x.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dsum=None):
+        normed_input, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only the sum was used downstream
+            dy = torch.zeros(ctx.x_shape, device=normed_input.device, dtype=normed_input.dtype)
+        dx, dw = _backward(dy, normed_input, weight, rstd, dsum)
+        dx = dx.view(ctx.x_shape)
+        dres = dx.to(ctx.residual_dtype) if ctx.has_residual else None
+        return dx, dw, None, dres
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+    """RMSNorm of `x` (or of `x + residual`, also returned as the next residual)."""
+    return RMSNormFunction.apply(x, weight, eps, residual)
+
+
+class RMSNorm(torch.nn.Module):
+    """Drop-in LlamaRMSNorm on the Triton kernel; `forward(x, residual=None)`."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x, residual=None):
+        return rms_norm(x, self.weight, self.eps, residual)
