@@ -1,0 +1,215 @@
+"""How much data-parallel gradient communication is hidden behind backward.
+
+Runs the real engine (build_model -> DataParallel buckets -> forward_backward)
+on `--nproc` local processes and times one optimizer step's
+forward + backward + gradient reduction (`finish_grad_sync`) with
+`parallel.overlap_grad_reduce` on and off, plus the same forward + backward
+with no reduction at all (compute only). Then
+
+    exposed_comm(mode) = t(mode) - t(compute only)
+    hidden_fraction    = (t(off) - t(on)) / exposed_comm(off)
+
+i.e. the share of the (non-overlapped) communication time that overlapping
+removes from the step.
+
+On CPU, gloo over loopback is nearly free compared with the backward, so the
+benchmark injects a slow link (`--link-gbps`, default 2 Gbit/s): each async
+collective launched through `megatron_jinpan.parallel.comm` is wrapped so
+that its `wait()` also waits for a modelled serial link that transfers the
+op's bytes at that bandwidth, starting when the op is launched or when the
+link is free (whichever is later). The real gloo collective still runs, so
+results stay correct. On a GPU (`--device cuda`, nccl) use `--link-gbps 0`
+to measure the real link.
+
+Exact command used for benchmarks/results/overlap_cpu.csv:
+
+    python benchmarks/overlap.py --model tiny --nproc 2 --seq-len 256 --bucket-mb 4 \
+        --link-gbps 2 --iters 8 --out benchmarks/results/overlap_cpu.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+# ------------------------------------------------------------------ slow link
+class _LinkWork:
+    def __init__(self, work, done_at: float):
+        self.work, self.done_at = work, done_at
+
+    def wait(self, *args, **kwargs):
+        if self.work is not None:
+            self.work.wait()
+        delay = self.done_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        return True
+
+
+class SlowLink:
+    """A serial link of `gbps` Gbit/s under comm.all_reduce / comm.reduce_scatter_tensor (async calls)."""
+
+    def __init__(self, gbps: float):
+        self.bytes_per_s = gbps * 1e9 / 8
+        self.busy_until = 0.0
+        self.modelled_s = 0.0
+
+    def install(self):
+        from megatron_jinpan.parallel import comm
+
+        real_all_reduce, real_rs = comm.all_reduce, comm.reduce_scatter_tensor
+
+        def delayed(nbytes, work):
+            start = max(time.perf_counter(), self.busy_until)
+            self.busy_until = start + nbytes / self.bytes_per_s
+            self.modelled_s += nbytes / self.bytes_per_s
+            return _LinkWork(work, self.busy_until)
+
+        def all_reduce(tensor, group=None, op=None, async_op=False):
+            kwargs = {} if op is None else {"op": op}
+            work = real_all_reduce(tensor, group, async_op=async_op, **kwargs)
+            if not async_op:
+                return work
+            # ring all-reduce moves ~2x the payload per rank
+            return delayed(2 * tensor.numel() * tensor.element_size(), work)
+
+        def reduce_scatter_tensor(output, tensor, group=None, op=None, async_op=False):
+            kwargs = {} if op is None else {"op": op}
+            work = real_rs(output, tensor, group, async_op=async_op, **kwargs)
+            if not async_op:
+                return work
+            return delayed(tensor.numel() * tensor.element_size(), work)
+
+        comm.all_reduce, comm.reduce_scatter_tensor = all_reduce, reduce_scatter_tensor
+
+
+# ------------------------------------------------------------------ worker
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(args, overlap: bool) -> list[str]:
+    return [f"model.name={args.model}", "data.mock=true", f"train.seq_len={args.seq_len}", "train.micro_batch=1",
+            f"train.global_batch={args.nproc}", f"train.device={args.device}", f"parallel.bucket_mb={args.bucket_mb}",
+            f"parallel.zero={args.zero}", f"parallel.overlap_grad_reduce={str(overlap).lower()}",
+            "log.progress=false", "log.tensorboard=false", "run_dir=/tmp/jinpan_overlap_bench"]
+
+
+def _worker(rank, args, port, out_path):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(args.threads)
+    from megatron_jinpan import device as devices
+    from megatron_jinpan.config import load_config
+    from megatron_jinpan.data import build_train_data
+    from megatron_jinpan.parallel.mesh import ParallelMesh
+    from megatron_jinpan.parallel.parallelize import build_model
+    from megatron_jinpan.training.losses import language_model_loss
+    from megatron_jinpan.training.schedules import forward_backward
+
+    link = SlowLink(args.link_gbps) if args.link_gbps > 0 else None
+    if link:
+        link.install()
+    device = devices.resolve_device(args.device)
+    mesh = ParallelMesh.create(1, 1, device)
+    setups = {}
+    for overlap in (False, True):
+        cfg = load_config(None, _overrides(args, overlap=overlap))
+        (chunk,) = build_model(cfg, mesh)
+        mbs = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+               for mb in build_train_data(cfg).microbatches(0, mesh.dp_rank, mesh.dp)]
+        setups[overlap] = (chunk, mbs, language_model_loss(cfg.model.vocab_size, mesh))
+    modes = {"compute_only": False, "overlap_off": False, "overlap_on": True}
+    times = {m: [] for m in modes}
+    modelled = {m: [] for m in modes}
+    # Modes are interleaved iteration by iteration so background load hits them alike.
+    for it in range(args.warmup + args.iters):
+        for mode, overlap in modes.items():
+            chunk, mbs, loss_fn = setups[overlap]
+            chunk.zero_grad_buffer()
+            mesh.barrier()
+            if link:
+                link.busy_until, link.modelled_s = 0.0, 0.0
+            devices.synchronize(device)
+            t0 = time.perf_counter()
+            if mode == "compute_only":
+                with chunk.no_sync():
+                    forward_backward([chunk], mbs, loss_fn, mesh, loss_scale=1e-3)
+            else:
+                forward_backward([chunk], mbs, loss_fn, mesh, loss_scale=1e-3)
+                chunk.finish_grad_sync()
+            devices.synchronize(device)
+            if it >= args.warmup:
+                times[mode].append(time.perf_counter() - t0)
+                modelled[mode].append(link.modelled_s if link else 0.0)
+    chunk = setups[True][0]
+    rows = [{"mode": m, "time_s": min(times[m]), "median_s": statistics.median(times[m]),
+             "modelled_link_s": statistics.median(modelled[m]), "buckets": len(chunk.buckets),
+             "grad_mb": chunk.numel * 4 / 2**20} for m in modes]
+    if rank == 0:
+        torch.save(rows, out_path)
+    mesh.barrier()
+    mesh.destroy()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--bucket-mb", type=float, default=4.0)
+    ap.add_argument("--zero", type=int, default=0)
+    ap.add_argument("--link-gbps", type=float, default=2.0, help="injected link bandwidth; 0 = the real link only")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/overlap_cpu.csv")
+    args = ap.parse_args(argv)
+
+    out_pt = f"/tmp/jinpan_overlap_{os.getpid()}.pt"
+    mp.spawn(_worker, args=(args, _free_port(), out_pt), nprocs=args.nproc, join=True)
+    rows = {r["mode"]: r for r in torch.load(out_pt)}
+    os.remove(out_pt)
+    # min over iterations: the least-disturbed sample of each mode (the machine may be shared)
+    t_c, t_off, t_on = (rows[m]["time_s"] for m in ("compute_only", "overlap_off", "overlap_on"))
+    exposed_off, exposed_on = t_off - t_c, t_on - t_c
+    hidden = (t_off - t_on) / exposed_off if exposed_off > 0 else float("nan")
+    record = {"model": args.model, "nproc": args.nproc, "seq_len": args.seq_len, "zero": args.zero,
+              "bucket_mb": args.bucket_mb, "buckets": rows["overlap_on"]["buckets"],
+              "grad_mb": round(rows["overlap_on"]["grad_mb"], 2), "link_gbps": args.link_gbps,
+              "modelled_link_s": round(rows["overlap_off"]["modelled_link_s"], 4),
+              "compute_only_s": round(t_c, 4), "overlap_off_s": round(t_off, 4), "overlap_on_s": round(t_on, 4),
+              "exposed_comm_off_s": round(exposed_off, 4), "exposed_comm_on_s": round(exposed_on, 4),
+              "hidden_fraction": round(hidden, 3),
+              "median_compute_only_s": round(rows["compute_only"]["median_s"], 4),
+              "median_overlap_off_s": round(rows["overlap_off"]["median_s"], 4),
+              "median_overlap_on_s": round(rows["overlap_on"]["median_s"], 4)}
+    for key, value in record.items():
+        print(f"{key:>20}: {value}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not out.exists()
+    with out.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(record))
+        if new:
+            writer.writeheader()
+        writer.writerow(record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
