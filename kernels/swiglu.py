@@ -1,0 +1,122 @@
+"""SwiGLU activation in Triton: silu(gate) * up, forward and backward.
+
+    from megatron_jinpan.kernels.swiglu import swiglu, SwiGLU
+    h = swiglu(gate, up)                  # == F.silu(gate) * up
+
+Elementwise over the flattened tensors, fp32 math, one pass each way:
+    y     = g * sigmoid(g) * u
+    dgate = dy * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+    dup   = dy * g * sigmoid(g)
+The backward recomputes sigmoid(g) instead of saving the activation.
+
+Layers: `_swiglu_fwd_kernel`/`_swiglu_bwd_kernel` -> `_forward`/`_backward`
+-> `SwiGLUFunction` -> `swiglu` and the `SwiGLU` module (which also owns the
+gate/up/down projections when given sizes).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The pure-PyTorch definition the kernel is tested against."""
+    return F.silu(gate) * up
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, Y, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(DY, G, U, DG, DU, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    dg = dy * u * sig * (1.0 + g * (1.0 - sig))
+    du = dy * silu
+    tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
+
+
+def _block(n: int, device: torch.device) -> int:
+    # Big blocks under the CPU interpreter (per-program overhead); 1K-4K elements per program on a GPU.
+    if device.type == "cpu":
+        return max(16, min(triton.next_power_of_2(max(n, 1)), 1 << 16))
+    return 4096 if n >= (1 << 22) else 1024
+
+
+def _forward(gate, up):
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty(gate.shape, device=gate.device, dtype=torch.promote_types(gate.dtype, up.dtype))
+    n = gate.numel()
+    if n:
+        block = _block(n, gate.device)
+        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, y, n, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    return y, gate, up
+
+
+def _backward(dy, gate, up):
+    dy = dy.contiguous()
+    dg = torch.empty_like(gate)
+    du = torch.empty_like(up)
+    n = gate.numel()
+    if n:
+        block = _block(n, gate.device)
+        _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dy, gate, up, dg, du, n, BLOCK=block,
+                                                     num_warps=4 if block <= 1024 else 8)
+    return dg, du
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        y, gate_c, up_c = _forward(gate, up)
+        ctx.save_for_backward(gate_c, up_c)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        return _backward(dy, gate, up)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up on the Triton kernel."""
+    return SwiGLUFunction.apply(gate, up)
+
+
+class SwiGLU(torch.nn.Module):
+    """`SwiGLU()(gate, up)`; with sizes, the full LLaMA MLP: down(swiglu(gate(x), up(x)))."""
+
+    def __init__(self, hidden_size: int | None = None, intermediate_size: int | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if hidden_size is not None and intermediate_size is not None:
+            kw = dict(bias=False, device=device, dtype=dtype)
+            self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, **kw)
+            self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, **kw)
+            self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, **kw)
+        else:
+            self.gate_proj = self.up_proj = self.down_proj = None
+
+    def forward(self, gate, up=None):
+        if up is None:
+            if self.gate_proj is None:
+                raise ValueError("SwiGLU without projections needs forward(gate, up)")
+            return self.down_proj(swiglu(self.gate_proj(gate), self.up_proj(gate)))
+        return swiglu(gate, up)
