@@ -94,6 +94,14 @@ def _state_worker(rank, world, port, run_dir):
     assert b0["total"] == 12 * n_params, (b0, n_params)
     assert 0.45 < b1["total"] / b0["total"] < 0.56, (b0, b1)  # half, give or take bucket padding
 
+    # -------- weights loaded in place (a checkpoint/HF load) are picked up by the zero=1 master shard
+    weight = unwrap(r1.chunks[0]).get_parameter("layers.0.mlp.up_proj.weight")
+    with torch.no_grad():
+        weight.fill_(0.5)
+    r1.optimizer.zero_grad()
+    r1.optimizer.step(0.0)
+    assert torch.all(weight == 0.5)
+
     # -------- trainable=embeddings: everything else frozen, no state for it
     cfg, re = _train(["train.trainable=embeddings", "parallel.zero=1"])
     full = gather_full_state_dict(re.chunks, re.mesh)
@@ -149,3 +157,25 @@ def test_shard_adamw_matches_torch_adamw():
         opt_ref.step()
         opt.step()
     torch.testing.assert_close(flat, torch.cat([p.detach().reshape(-1) for p in ref]), rtol=1e-6, atol=0)
+
+
+def _new_embeddings_tp_worker(rank, world, port, run_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TEST_RUN_DIR=run_dir)
+    torch.set_num_threads(1)
+    from megatron_jinpan.models import init_parameter
+    from megatron_jinpan.parallel.parallelize import gather_full_state_dict
+
+    # tp=2 splits the 256 padded rows 128/128: row 150 falls inside tp rank 1's shard (local row 22).
+    cfg, res = _train(["parallel.tp=2", "train.trainable=new_embeddings", "train.new_embeddings_from=150"])
+    full = gather_full_state_dict(res.chunks, res.mesh)
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        init = init_parameter(name, full[name].shape, cfg.model, cfg.train.seed)
+        assert torch.equal(full[name][:150], init[:150]), name
+        assert (full[name][150:] != init[150:]).float().mean() > 0.5, name
+    res.mesh.barrier()
+    res.mesh.destroy()
+
+
+def test_new_embeddings_rows_frozen_under_tp(tmp_path):
+    mp.spawn(_new_embeddings_tp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)

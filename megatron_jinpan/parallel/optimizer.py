@@ -168,11 +168,24 @@ class Optimizer:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
 
-    def _rebind(self) -> None:
+    def _rebind(self, force_refresh: bool = False) -> None:
+        """Re-attach weights rebound by outside code and pick up weights loaded in place.
+
+        Under zero=1 with fp32 weights the master shard is re-read from the
+        weights before every step: after the last all-gather they are equal
+        bit for bit, so this is a no-op unless something (a checkpoint or HF
+        load) wrote new weights, which then take effect. With lower-precision
+        weights call `reload_model_params()` after loading.
+        """
         for ci, chunk in enumerate(self.chunks):
             chunk.finish_param_sync()
-            if chunk.rebind_params() and self.zero == 1:
+            moved = chunk.rebind_params()
+            if self.zero == 1 and (moved or force_refresh or chunk.param_buffer.dtype == torch.float32):
                 self._refresh_master(chunk, self.masters[ci])
+
+    def reload_model_params(self) -> None:
+        """Take the current model weights as the master weights (after loading weights in place)."""
+        self._rebind(force_refresh=True)
 
     def grad_norm(self) -> float:
         total = torch.zeros((), dtype=torch.float64, device=self.mesh.device)
