@@ -1,0 +1,94 @@
+"""`jinpan convert ...` and `jinpan generate`.
+
+    jinpan convert hf-to-mj   --input HF_DIR   --output CKPT_DIR [--tp N --pp N]
+    jinpan convert mj-to-hf   --input CKPT_DIR --output HF_DIR [--max-shard-size 5GB]
+    jinpan convert meta-to-mj --input META_DIR --output CKPT_DIR
+    jinpan generate --checkpoint CKPT_OR_HF --prompt "..." [--tokenizer T] [--max-new-tokens N]
+                    [--temperature T] [--top-p P] [--seed S]
+"""
+from __future__ import annotations
+
+import sys
+
+
+def cmd_convert(args) -> int:
+    from .convert import hf_to_mj, meta_to_mj, mj_to_hf
+
+    progress = not args.no_progress
+    if args.direction == "hf-to-mj":
+        out = hf_to_mj(args.input, args.output, tp=args.tp, pp=args.pp, overwrite=args.overwrite, progress=progress)
+    elif args.direction == "mj-to-hf":
+        out = mj_to_hf(args.input, args.output, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                       progress=progress)
+    else:
+        out = meta_to_mj(args.input, args.output, overwrite=args.overwrite, progress=progress,
+                         tokenizer=args.tokenizer)
+    print(f"wrote {out}")
+    return 0
+
+
+def _find_tokenizer(checkpoint: str, explicit: str | None):
+    from pathlib import Path
+
+    from ..data.tokenizer import load_tokenizer
+    from . import format as fmt
+    from .convert import find_tokenizer
+    from .load import resolve_source
+
+    if explicit:
+        return load_tokenizer(explicit, key="--tokenizer")
+    kind, path = resolve_source(checkpoint)
+    if kind == "hf":
+        if any((Path(path) / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            return load_tokenizer(path, key="--checkpoint")
+    else:
+        tok = find_tokenizer(path, fmt.read_meta(path))
+        if tok is not None:
+            if tok.is_dir() and (tok / "tokenizer.model").is_file() and not (tok / "tokenizer_config.json").is_file():
+                tok = tok / "tokenizer.model"
+            return load_tokenizer(tok, key="tokenizer")
+    raise ValueError(f"no tokenizer is recorded for {checkpoint}; pass --tokenizer T.model")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .. import load_model
+    from .generate import generate
+
+    tok = _find_tokenizer(args.checkpoint, args.tokenizer)
+    model = load_model(args.checkpoint)
+    ids = tok.encode(args.prompt)
+    if getattr(tok, "bos_id", -1) is not None and tok.bos_id >= 0:
+        ids = [tok.bos_id] + ids
+    if max(ids, default=0) >= model.cfg.vocab_size:
+        raise ValueError(f"tokenizer ids exceed the model's vocab_size={model.cfg.vocab_size}; wrong --tokenizer?")
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   eos_id=getattr(tok, "eos_id", None), generator=gen)
+    sys.stdout.write(args.prompt + tok.decode(out[len(ids):]) + "\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert checkpoints: hf-to-mj, mj-to-hf, meta-to-mj")
+    p.add_argument("direction", choices=["hf-to-mj", "mj-to-hf", "meta-to-mj"])
+    p.add_argument("--input", required=True, help="source directory")
+    p.add_argument("--output", required=True, help="new output directory (never overwritten unless --overwrite)")
+    p.add_argument("--tp", type=int, default=None, help="hf-to-mj: check divisibility for this tensor-parallel size")
+    p.add_argument("--pp", type=int, default=None, help="hf-to-mj: check this pipeline size")
+    p.add_argument("--max-shard-size", default="5GB", help="mj-to-hf: safetensors shard size (e.g. 2GB, 500MB)")
+    p.add_argument("--tokenizer", default=None, help="meta-to-mj: tokenizer.model to store with the checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_convert)
+
+    g = subparsers.add_parser("generate", help="sample a continuation from a checkpoint or HF dir (CPU ok)")
+    g.add_argument("--checkpoint", required=True, help="our checkpoint (step dir, checkpoints dir, run dir) or HF dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--tokenizer", default=None, help="sentencepiece .model or HF tokenizer dir")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
