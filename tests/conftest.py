@@ -4,6 +4,10 @@ import os
 if os.environ.get("JINPAN_GPU_TESTS") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# OpenBLAS with 2 threads on this 2-core box makes the interpreter's numpy matmuls ~1000x slower
+# (tl.dot under TRITON_INTERPRET): pin it before numpy/torch load it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import pytest
 import torch
 
