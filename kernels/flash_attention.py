@@ -1,0 +1,446 @@
+"""FlashAttention (forward and backward) in Triton: causal, GQA, packed variable-length documents.
+
+    from megatron_jinpan.kernels.flash_attention import flash_attention
+    out = flash_attention(q, k, v)                          # == ops.attention_reference(q, k, v)
+    out = flash_attention(q, k, v, cu_seqlens=cu)           # packed documents, never attend across
+    out, lse = flash_attention(q, k, v, return_lse=True)    # lse: [batch, heads, seq] fp32, natural log
+
+Layout is flash-attn's: q [batch, seq, heads, head_dim], k/v [batch, seq,
+kv_heads, head_dim] with heads % kv_heads == 0 (GQA: the kernels index the
+shared kv head, repeated k/v are never materialised). head_dim 64 or 128
+(16 and 32 also work, e.g. for tiny test models); anything else raises
+ValueError. `cu_seqlens` (int32, [num_docs + 1]) gives document boundaries
+over the flattened batch*seq tokens (rows are expected to start at a
+boundary; a document that runs over a row end is split there, which is what
+the row-wise reference does too).
+
+How it works (FlashAttention-2):
+- forward `_attn_fwd_kernel`: one program per (query block, batch*head);
+  streams key blocks with an online softmax in base 2, fp32 accumulators,
+  and writes O and the log-sum-exp. Without documents the key loop is split
+  into fully visible blocks (no mask) and the diagonal blocks (causal mask);
+  with documents every block is masked and the loop starts at the first
+  key of the earliest document in the query block.
+- masking for packed documents uses one int32 per token, the row position
+  where its document starts: key j is visible to query i iff
+  doc_start[i] <= j <= i. The backward's key loop additionally uses
+  doc_end (exclusive) to stop at the end of the key block's document.
+- backward: `_attn_bwd_preprocess` computes delta = rowsum(dO * O);
+  `_attn_bwd_dkdv_kernel` runs one program per (key block, batch*kv_head)
+  and loops over the query heads of its group and their query blocks, so dK
+  and dV of a shared kv head are summed in registers (no atomics, no
+  repeated k/v; deterministic); `_attn_bwd_dq_kernel` runs one program per
+  (query block, batch*head) over key blocks like the forward.
+- `FlashAttentionFunction` is the autograd.Function; `flash_attention` the
+  function and `FlashAttention` the module.
+
+On a GPU the block sizes are autotuned per (seq, heads, head_dim, dtype)
+(set JINPAN_FLASH_AUTOTUNE=0 for the fixed defaults); under the CPU
+interpreter (TRITON_INTERPRET=1) fixed small blocks are used.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_jinpan.models.ops import attention_reference as reference  # noqa: F401  (the in-file reference)
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ------------------------------------------------------------------ forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, doc_q, offs_m, lo, hi, SEQ, qk_scale,
+               STRIDE_KV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK: tl.constexpr, HAS_DOCS: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_off = cols[:, None] * STRIDE_KV + offs_d[None, :]
+        if MASK:
+            kmask = cols[:, None] < SEQ
+            k = tl.load(k_base + kv_off, mask=kmask, other=0.0)
+            v = tl.load(v_base + kv_off, mask=kmask, other=0.0)
+        else:
+            k = tl.load(k_base + kv_off)
+            v = tl.load(v_base + kv_off)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASK:
+            allowed = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < SEQ)
+            if HAS_DOCS:
+                allowed = allowed & (cols[None, :] >= doc_q[:, None])
+            qk = tl.where(allowed, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows so far: no NaN
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = m_new
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, DOC_START, SEQ, qk_scale,
+                     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    hk = h // (HQ // HK)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_mask = offs_m < SEQ
+    q_base = Q + b * SEQ * HQ * D + h * D
+    k_base = K + b * SEQ * HK * D + hk * D
+    v_base = V + b * SEQ * HK * D + hk * D
+    q = tl.load(q_base + offs_m[:, None] * (HQ * D) + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    hi = tl.minimum(start_m + BLOCK_M, SEQ)
+    if HAS_DOCS:
+        doc_q = tl.load(DOC_START + b * SEQ + offs_m, mask=row_mask, other=0)
+        first = tl.load(DOC_START + b * SEQ + start_m)  # doc starts are non-decreasing along a row
+        lo = (first // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, doc_q, offs_m, lo, hi, SEQ, qk_scale,
+                                   HK * D, D, BLOCK_N, True, True)
+    else:
+        # keys [0, start_m) are visible to every query of the block: no mask
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_m, 0, start_m, SEQ, qk_scale,
+                                   HK * D, D, BLOCK_N, False, False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_m, start_m, hi, SEQ, qk_scale,
+                                   HK * D, D, BLOCK_N, True, False)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * SEQ * HQ * D + h * D + offs_m[:, None] * (HQ * D) + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_mask[:, None])
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log of sum(exp(scale * qk))
+    tl.store(LSE + (b * HQ + h) * SEQ + offs_m, lse, mask=row_mask)
+
+
+# ------------------------------------------------------------------ backward
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DELTA, SEQ, HQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mask = offs_m < SEQ
+    off = b * SEQ * HQ * D + h * D + offs_m[:, None] * (HQ * D) + offs_d[None, :]
+    o = tl.load(O + off, mask=mask[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=mask[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + (b * HQ + h) * SEQ + offs_m, tl.sum(o * do, 1), mask=mask)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_base, offs_n, lo, hi, SEQ, qk_scale,
+                STRIDE_Q: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASK: tl.constexpr, HAS_DOCS: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        rmask = rows < SEQ
+        q_off = rows[:, None] * STRIDE_Q + offs_d[None, :]
+        q = tl.load(q_base + q_off, mask=rmask[:, None], other=0.0)
+        do = tl.load(do_base + q_off, mask=rmask[:, None], other=0.0)
+        lse = tl.load(lse_base + rows, mask=rmask, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+        qkT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M], base-2 logits
+        pT = tl.math.exp2(qkT - lse[None, :])
+        if MASK:
+            allowed = (rows[None, :] >= offs_n[:, None]) & rmask[None, :]
+            if HAS_DOCS:
+                doc_q = tl.load(doc_base + rows, mask=rmask, other=0)
+                allowed = allowed & (doc_q[None, :] <= offs_n[:, None])
+            pT = tl.where(allowed, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do)).to(tl.float32)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END, SEQ, qk_scale, sm_scale,
+                          HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    hk = pid_bh % HK
+    GROUP: tl.constexpr = HQ // HK
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    nmask = offs_n < SEQ
+    kv_off = b * SEQ * HK * D + hk * D + offs_n[:, None] * (HK * D) + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=nmask[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=nmask[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    if HAS_DOCS:
+        last = tl.minimum(start_n + BLOCK_N, SEQ) - 1
+        hi_docs = tl.load(DOC_END + b * SEQ + last)  # queries past the last key's document see none of these keys
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * SEQ * HQ * D + h * D
+        do_base = DO + b * SEQ * HQ * D + h * D
+        lse_base = LSE + (b * HQ + h) * SEQ
+        delta_base = DELTA + (b * HQ + h) * SEQ
+        if HAS_DOCS:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC_START + b * SEQ,
+                                 offs_n, start_n, hi_docs, SEQ, qk_scale, HQ * D, D, BLOCK_M, True, True)
+        else:
+            mid = tl.minimum(start_n + BLOCK_N, SEQ)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC_START,
+                                 offs_n, start_n, mid, SEQ, qk_scale, HQ * D, D, BLOCK_M, True, False)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, DOC_START,
+                                 offs_n, mid, SEQ, SEQ, qk_scale, HQ * D, D, BLOCK_M, False, False)
+    dk = dk * sm_scale
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=nmask[:, None])
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=nmask[:, None])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, doc_q, k_base, v_base, offs_m, lo, hi, SEQ, qk_scale,
+              STRIDE_KV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASK: tl.constexpr, HAS_DOCS: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_off = cols[:, None] * STRIDE_KV + offs_d[None, :]
+        if MASK:
+            kmask = cols[:, None] < SEQ
+            k = tl.load(k_base + kv_off, mask=kmask, other=0.0)
+            v = tl.load(v_base + kv_off, mask=kmask, other=0.0)
+        else:
+            k = tl.load(k_base + kv_off)
+            v = tl.load(v_base + kv_off)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        if MASK:
+            allowed = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < SEQ)
+            if HAS_DOCS:
+                allowed = allowed & (cols[None, :] >= doc_q[:, None])
+            p = tl.where(allowed, p, 0.0)
+        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, SEQ, qk_scale, sm_scale,
+                        HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    hk = h // (HQ // HK)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_mask = offs_m < SEQ
+    q_off = b * SEQ * HQ * D + h * D + offs_m[:, None] * (HQ * D) + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=row_mask[:, None], other=0.0)
+    do = tl.load(DO + q_off, mask=row_mask[:, None], other=0.0)
+    lse = tl.load(LSE + (b * HQ + h) * SEQ + offs_m, mask=row_mask, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + (b * HQ + h) * SEQ + offs_m, mask=row_mask, other=0.0)
+    k_base = K + b * SEQ * HK * D + hk * D
+    v_base = V + b * SEQ * HK * D + hk * D
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    hi = tl.minimum(start_m + BLOCK_M, SEQ)
+    if HAS_DOCS:
+        doc_q = tl.load(DOC_START + b * SEQ + offs_m, mask=row_mask, other=0)
+        first = tl.load(DOC_START + b * SEQ + start_m)
+        lo = (first // BLOCK_N) * BLOCK_N
+        dq = _dq_inner(dq, q, do, lse, delta, doc_q, k_base, v_base, offs_m, lo, hi, SEQ, qk_scale,
+                       HK * D, D, BLOCK_N, True, True)
+    else:
+        dq = _dq_inner(dq, q, do, lse, delta, offs_m, k_base, v_base, offs_m, 0, start_m, SEQ, qk_scale,
+                       HK * D, D, BLOCK_N, False, False)
+        dq = _dq_inner(dq, q, do, lse, delta, offs_m, k_base, v_base, offs_m, start_m, hi, SEQ, qk_scale,
+                       HK * D, D, BLOCK_N, True, False)
+    dq = dq * sm_scale
+    tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=row_mask[:, None])
+
+
+# ------------------------------------------------------------------ block sizes
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune_enabled(device: torch.device) -> bool:
+    return device.type != "cpu" and not _interpreting() and os.environ.get("JINPAN_FLASH_AUTOTUNE", "1") != "0"
+
+
+_TUNE_KEY = ["SEQ", "HQ", "HK", "D", "HAS_DOCS"]
+# forward and dq need BLOCK_M % BLOCK_N == 0 (the unmasked key loop stops at the query block start);
+# dkdv needs BLOCK_N % BLOCK_M == 0 (the masked query loop covers exactly the key block).
+_FWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+                                      (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2), (128, 128, 8, 2)]]
+_DKDV_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                 for bm, bn, w, st in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3),
+                                       (32, 64, 4, 3), (64, 128, 8, 2), (16, 128, 4, 3)]]
+_DQ_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+               for bm, bn, w, st in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+                                     (64, 32, 4, 3), (128, 64, 8, 2), (128, 16, 4, 3)]]
+
+_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd_kernel)
+_dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+
+
+def _fixed_blocks(seq: int, d: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning."""
+    if device.type == "cpu" or _interpreting():
+        blk = max(16, min(64, triton.next_power_of_2(seq)))
+        return blk, blk, 4, 1
+    return (128, 64, 4 if d <= 64 else 8, 3)
+
+
+# ------------------------------------------------------------------ launchers
+def _doc_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int, device):
+    """Per token (flattened), the row positions where its document starts and ends (exclusive)."""
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    total = batch * seq
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"flash_attention: cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu.shape)}")
+    pos = torch.arange(total, device=device)
+    doc = (torch.searchsorted(cu, pos, right=True) - 1).clamp(0, cu.numel() - 2)
+    row_start = (pos // seq) * seq
+    start = torch.maximum(cu[doc], row_start) - row_start
+    end = torch.minimum(cu[doc + 1], row_start + seq) - row_start
+    end = torch.maximum(end, pos - row_start + 1)  # tokens past cu_seqlens[-1]: their own document
+    start = torch.minimum(start, pos - row_start)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def _forward(q, k, v, scale, doc_start):
+    b, s, hq, d = q.shape
+    hk = k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((b, hq, s), device=q.device, dtype=torch.float32)
+    has_docs = doc_start is not None
+    docs = doc_start if has_docs else lse
+    args = (q, k, v, o, lse, docs, s, scale * LOG2E)
+    meta = dict(HQ=hq, HK=hk, D=d, HAS_DOCS=has_docs)
+    if _autotune_enabled(q.device):
+        _fwd_tuned[lambda m: (triton.cdiv(s, m["BLOCK_M"]), b * hq)](*args, **meta)
+    else:
+        bm, bn, warps, stages = _fixed_blocks(s, d, q.device)
+        _attn_fwd_kernel[(triton.cdiv(s, bm), b * hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                       num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, scale, doc_start, doc_end):
+    b, s, hq, d = q.shape
+    hk = k.shape[2]
+    do = do.contiguous()
+    delta = torch.empty_like(lse)
+    pre_block = max(16, min(64, triton.next_power_of_2(s)))
+    _attn_bwd_preprocess[(triton.cdiv(s, pre_block), b * hq)](o, do, delta, s, HQ=hq, D=d, BLOCK_M=pre_block)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    has_docs = doc_start is not None
+    ds = doc_start if has_docs else lse
+    de = doc_end if has_docs else lse
+    meta = dict(HQ=hq, HK=hk, D=d, HAS_DOCS=has_docs)
+    kv_args = (q, k, v, do, lse, delta, dk, dv, ds, de, s, scale * LOG2E, scale)
+    q_args = (q, k, v, do, lse, delta, dq, ds, s, scale * LOG2E, scale)
+    if _autotune_enabled(q.device):
+        _dkdv_tuned[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * hk)](*kv_args, **meta)
+        _dq_tuned[lambda m: (triton.cdiv(s, m["BLOCK_M"]), b * hq)](*q_args, **meta)
+    else:
+        bm, bn, warps, stages = _fixed_blocks(s, d, q.device)
+        if not (_interpreting() or q.device.type == "cpu"):
+            bm, bn = 64, 64
+        _attn_bwd_dkdv_kernel[(triton.cdiv(s, bn), b * hk)](*kv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                            num_warps=warps, num_stages=stages)
+        _attn_bwd_dq_kernel[(triton.cdiv(s, bm), b * hq)](*q_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                          num_warps=warps, num_stages=stages)
+    return dq, dk, dv
+
+
+def _check(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("flash_attention: q, k, v must be [batch, seq, heads, head_dim]")
+    b, s, hq, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != s or k.shape[3] != d:
+        raise ValueError(f"flash_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)} "
+                         "(same batch, seq and head_dim; kv heads may be fewer)")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"flash_attention: head_dim={d} is not supported; use one of {SUPPORTED_HEAD_DIMS} "
+                         "(64 and 128 are the tuned ones) or kernels.attention=sdpa")
+    if k.shape[2] == 0 or hq % k.shape[2]:
+        raise ValueError(f"flash_attention: q heads ({hq}) must be a multiple of kv heads ({k.shape[2]})")
+
+
+def _common_dtype(q, k, v) -> torch.dtype:
+    """Like SDPA: the autocast dtype when autocast is on, else the promoted dtype of q, k, v."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+
+# ------------------------------------------------------------------ autograd
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, cu_seqlens):
+        b, s = q.shape[:2]
+        doc_start = doc_end = None
+        if cu_seqlens is not None:
+            doc_start, doc_end = _doc_bounds(cu_seqlens, b, s, q.device)
+        o, lse = _forward(q, k, v, scale, doc_start)
+        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, doc_start, doc_end)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                    cu_seqlens: torch.Tensor | None = None, return_lse: bool = False):
+    """Causal attention, [b, s, h, d] in and out; see the module docstring."""
+    _check(q, k, v)
+    dtype = _common_dtype(q, k, v)
+    q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    o, lse = FlashAttentionFunction.apply(q, k, v, scale, cu_seqlens)
+    return (o, lse) if return_lse else o
+
+
+class FlashAttention(torch.nn.Module):
+    """Module form: `FlashAttention(scale=None)(q, k, v, cu_seqlens=None)`."""
+
+    def __init__(self, scale: float | None = None):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q, k, v, cu_seqlens=None):
+        return flash_attention(q, k, v, scale=self.scale, cu_seqlens=cu_seqlens)
