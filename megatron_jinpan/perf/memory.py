@@ -153,7 +153,8 @@ def estimate_memory(cfg, world_size: int, pp_rank: int | None = None, weights: s
     grads = buffer * 4.0
     if p.zero == 1:
         grads += buffer * 4.0 / dp
-        optimizer = buffer * 12.0 / dp
+        real = sum(k for c in train_chunks for _, k in c)  # Adam m, v exist for real elements, master for padding too
+        optimizer = buffer * 4.0 / dp + real * 8.0 / dp
     else:
         optimizer = buffer * (8.0 if weights == "fp32" else 12.0)
     acts = activation_bytes(cfg, world_size, pp_rank)

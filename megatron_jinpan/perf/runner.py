@@ -393,7 +393,7 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 # ====================================================================== sweeps
 def smoke_layouts() -> list[Layout]:
-    return [Layout(1), Layout(2, zero=1), Layout(2, tp=2), Layout(2, pp=2), Layout(4, tp=2, pp=2, zero=1)]
+    return [Layout(1), Layout(2, tp=2), Layout(2, pp=2), Layout(4, tp=2, zero=1)]
 
 
 def full_layouts(world_sizes=(1, 2, 4, 8)) -> list[Layout]:
