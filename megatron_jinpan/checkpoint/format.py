@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -251,7 +252,9 @@ def read_tensors(path: Path, wanted: dict[str, torch.Tensor]) -> dict[str, torch
     import torch.distributed.checkpoint as dcp
 
     if wanted:
-        dcp.load(wanted, checkpoint_id=str(path), no_dist=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
+            dcp.load(wanted, checkpoint_id=str(path), no_dist=True)
     return wanted
 
 
@@ -271,7 +274,9 @@ def write_tensors_lazy(path: Path, specs: dict[str, tuple[tuple, torch.dtype]], 
 
     state = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
     writer = FileSystemWriter(str(path), single_file_per_rank=True, thread_count=1)
-    dcp.save(state, storage_writer=writer, planner=_LazyPlanner(), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
+        dcp.save(state, storage_writer=writer, planner=_LazyPlanner(), no_dist=True)
 
 
 def base_meta(model_cfg, kind: str, **extra) -> dict:

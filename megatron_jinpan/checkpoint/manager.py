@@ -192,7 +192,10 @@ class CheckpointManager:
         else:
             self.load(path, chunks, None, with_optimizer=False)
         if optimizer is not None:  # ZeRO-1 master shards must see the new weights
-            optimizer.load_state_dict(optimizer.state_dict())
+            if hasattr(optimizer, "reload_model_params"):
+                optimizer.reload_model_params()
+            else:
+                optimizer.load_state_dict(optimizer.state_dict())
         _log(self.mesh, f"initial weights from {path}")
 
     def _targets(self, chunks):
