@@ -26,8 +26,7 @@ def reference(tmp_path_factory):
 
 
 LAYOUTS = {
-    "dp2": ["parallel.tp=1"],
-    "overlap_tiny_buckets": ["parallel.overlap_grad_reduce=true", TINY],
+    "dp2_overlap_tiny_buckets": ["parallel.tp=1", "parallel.overlap_grad_reduce=true", TINY],
     "no_overlap_tiny_buckets": ["parallel.overlap_grad_reduce=false", TINY],
     "zero1": ["parallel.zero=1", TINY],
     "zero1_overlap_param_gather": ["parallel.zero=1", "parallel.overlap_param_gather=true", TINY],
