@@ -414,9 +414,24 @@ def predict_cpu_step(cfg, world: int, link: Link, t_token_fb: float, t_param_opt
             (compute + comm) * bubble / (1 - bubble), "pred_opt_s": opt}
 
 
-def calibrate_and_validate(out_dir, model: str = "tiny", steps: int = 4, seq_len: int = 128,
+def _baseline(model, steps, seq_len, batch_per_replica) -> dict:
+    """Per-token fwd+bwd time, per-param optimizer time and fixed overhead of a 1-process run."""
+    from .runner import Layout, run_layout_bench
+
+    res = run_layout_bench(Layout(1), model, steps, seq_len, batch_per_replica, measure_memory=False)
+    r0, cfg0 = res["row"], res["cfg"]
+    tokens = cfg0.train.global_batch * seq_len
+    m = cfg0.model
+    params = m.num_params() + (m.padded_vocab_size(1) - m.vocab_size) * 2 * m.hidden_size
+    return {"t_token": (r0["fwd_s"] + r0["bwd_s"]) / tokens, "t_param": r0["opt_s"] / params,
+            "t_fixed": max(0.0, r0["step_time_s"] - r0["fwd_s"] - r0["bwd_s"] - r0["opt_s"]),
+            "step_time_s": r0["step_time_s"]}
+
+
+def calibrate_and_validate(out_dir, model: str = "tiny", steps: int = 3, seq_len: int = 64,
                            batch_per_replica: int = 4) -> list[dict]:
-    """Fit gloo α-β, take per-token compute from 1 process, predict multi-process CPU step times."""
+    """Fit gloo α-β, then for each layout: a fresh 1-process compute calibration right before it
+    (paired, because other processes share this machine's cores), a prediction, and the measurement."""
     from .runner import Layout, run_layout_bench
 
     out_dir = Path(out_dir)
@@ -431,38 +446,34 @@ def calibrate_and_validate(out_dir, model: str = "tiny", steps: int = 4, seq_len
                                   Cluster("cpu", 10**6, link, link, 1, 1, tree_latency=False))
             w.writerow({**r, "fit_s": f"{fit:.6g}", "time_s": f"{r['time_s']:.6g}"})
     print(f"[calibrate] gloo α = {link.alpha * 1e6:.1f} µs, β = {link.beta / 1e9:.3f} GB/s")
-    base = run_layout_bench(Layout(1), model, steps, seq_len, batch_per_replica, measure_memory=False)
-    r0 = base["row"]
-    cfg0 = base["cfg"]
-    tokens = cfg0.train.global_batch * seq_len
-    t_token = (r0["fwd_s"] + r0["bwd_s"]) / tokens
-    params = cfg0.model.num_params() + (cfg0.model.padded_vocab_size(1) - cfg0.model.vocab_size) * 2 * cfg0.model.hidden_size
-    t_param = r0["opt_s"] / params
-    t_fixed = max(0.0, r0["step_time_s"] - r0["fwd_s"] - r0["bwd_s"] - r0["opt_s"])
-    print(f"[calibrate] 1 process: {t_token * 1e6:.2f} µs/token fwd+bwd, {t_param * 1e9:.2f} ns/param optimizer")
-    rows = [{"layout": "tp1 pp1 dp1", "world": 1, "measured_step_s": r0["step_time_s"],
-             "pred_step_s": r0["step_time_s"], "error_pct": 0.0, "note": "calibration run"}]
+    rows = []
     for lay in [Layout(2), Layout(2, zero=1), Layout(4), Layout(2, tp=2), Layout(2, pp=2), Layout(4, tp=2, pp=2)]:
+        base = _baseline(model, steps, seq_len, batch_per_replica)
+        load = os.getloadavg()[0]
         res = run_layout_bench(lay, model, steps, seq_len, batch_per_replica, measure_memory=False)
         row = res["row"]
         if row["status"] != "ok":
             rows.append({"layout": lay.name(), "world": lay.world, "note": row["status"]})
             continue
-        pred = predict_cpu_step(res["cfg"], lay.world, link, t_token, t_param, cores, t_fixed)
+        pred = predict_cpu_step(res["cfg"], lay.world, link, base["t_token"], base["t_param"], cores,
+                                base["t_fixed"])
         err = 100 * (pred["pred_step_s"] - row["step_time_s"]) / row["step_time_s"]
         rows.append({"layout": f"tp{lay.tp} pp{lay.pp} dp{lay.dp} z{lay.zero}", "world": lay.world,
                      "measured_step_s": row["step_time_s"], **pred, "error_pct": err,
-                     "measured_comm_exposed_s": row["comm_exposed_s"], "note": ""})
+                     "baseline_1proc_step_s": base["step_time_s"], "us_per_token": base["t_token"] * 1e6,
+                     "measured_comm_exposed_s": row["comm_exposed_s"], "loadavg_1min": load,
+                     "alpha_us": link.alpha * 1e6, "beta_gbps": link.beta / 1e9, "note": ""})
         print(f"[validate] {lay.name():36s} measured {row['step_time_s']:.3f}s predicted {pred['pred_step_s']:.3f}s "
-              f"error {err:+.1f}%")
+              f"error {err:+.1f}%  (1-proc {base['step_time_s']:.3f}s, load {load:.1f})")
     fields = ["layout", "world", "measured_step_s", "pred_step_s", "error_pct", "pred_compute_s", "pred_comm_s",
-              "pred_bubble_s", "pred_opt_s", "measured_comm_exposed_s", "note"]
+              "pred_bubble_s", "pred_opt_s", "measured_comm_exposed_s", "baseline_1proc_step_s", "us_per_token",
+              "loadavg_1min", "alpha_us", "beta_gbps", "note"]
     with open(out_dir / "validation_cpu.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
-    errs = [abs(r["error_pct"]) for r in rows[1:] if "error_pct" in r]
+    errs = [abs(r["error_pct"]) for r in rows if "error_pct" in r]
     if errs:
         print(f"[validate] mean |error| {sum(errs) / len(errs):.1f}%, max {max(errs):.1f}% "
               f"({cores} cores, up to 4 processes: oversubscribed)")
