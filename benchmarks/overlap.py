@@ -10,7 +10,15 @@ with no reduction at all (compute only). Then
     hidden_fraction    = (t(off) - t(on)) / exposed_comm(off)
 
 i.e. the share of the (non-overlapped) communication time that overlapping
-removes from the step.
+removes from the step. The modes run interleaved, iteration by iteration;
+`hidden_fraction` uses each mode's fastest iteration and
+`hidden_fraction_paired_median` the median over iterations of the same
+ratio computed within one iteration (robust to a shared, loaded machine).
+`hidden_fraction_wait` = 1 - wait(on) / wait(off), where wait is the median
+time blocked in `finish_grad_sync()` after backward (the exposed part of the
+communication; the least noisy of the three on a busy machine).
+At most the backward time after the first bucket fills can hide
+communication, so a link slower than backward caps the fraction below 1.
 
 On CPU, gloo over loopback is nearly free compared with the backward, so the
 benchmark injects a slow link (`--link-gbps`, default 2 Gbit/s): each async
@@ -24,7 +32,8 @@ to measure the real link.
 Exact command used for benchmarks/results/overlap_cpu.csv:
 
     python benchmarks/overlap.py --model tiny --nproc 2 --seq-len 256 --bucket-mb 4 \
-        --link-gbps 2 --iters 8 --out benchmarks/results/overlap_cpu.csv
+        --link-gbps 2 --iters 12 --out benchmarks/results/overlap_cpu.csv
+    (and the same with --zero 1, and with --link-gbps 8)
 """
 from __future__ import annotations
 
@@ -135,6 +144,7 @@ def _worker(rank, args, port, out_path):
     modes = {"compute_only": False, "overlap_off": False, "overlap_on": True}
     times = {m: [] for m in modes}
     modelled = {m: [] for m in modes}
+    waits = {m: [] for m in modes}  # time blocked in finish_grad_sync after backward: the exposed communication
     # Modes are interleaved iteration by iteration so background load hits them alike.
     for it in range(args.warmup + args.iters):
         for mode, overlap in modes.items():
@@ -150,13 +160,20 @@ def _worker(rank, args, port, out_path):
                     forward_backward([chunk], mbs, loss_fn, mesh, loss_scale=1e-3)
             else:
                 forward_backward([chunk], mbs, loss_fn, mesh, loss_scale=1e-3)
+                t_sync = time.perf_counter()
                 chunk.finish_grad_sync()
             devices.synchronize(device)
             if it >= args.warmup:
                 times[mode].append(time.perf_counter() - t0)
+                waits[mode].append(time.perf_counter() - t_sync if mode != "compute_only" else 0.0)
                 modelled[mode].append(link.modelled_s if link else 0.0)
     chunk = setups[True][0]
+    # Paired per iteration (the three modes ran back to back): robust to slow drifts in background load.
+    paired = [(off - on) / (off - c) for c, off, on in
+              zip(times["compute_only"], times["overlap_off"], times["overlap_on"]) if off > c]
     rows = [{"mode": m, "time_s": min(times[m]), "median_s": statistics.median(times[m]),
+             "paired_hidden": statistics.median(paired) if paired else float("nan"),
+             "sync_wait_s": statistics.median(waits[m]),
              "modelled_link_s": statistics.median(modelled[m]), "buckets": len(chunk.buckets),
              "grad_mb": chunk.numel * 4 / 2**20} for m in modes]
     if rank == 0:
@@ -195,6 +212,10 @@ def main(argv=None):
               "compute_only_s": round(t_c, 4), "overlap_off_s": round(t_off, 4), "overlap_on_s": round(t_on, 4),
               "exposed_comm_off_s": round(exposed_off, 4), "exposed_comm_on_s": round(exposed_on, 4),
               "hidden_fraction": round(hidden, 3),
+              "hidden_fraction_paired_median": round(rows["overlap_on"]["paired_hidden"], 3),
+              "sync_wait_off_s": round(rows["overlap_off"]["sync_wait_s"], 4),
+              "sync_wait_on_s": round(rows["overlap_on"]["sync_wait_s"], 4),
+              "hidden_fraction_wait": round(1 - rows["overlap_on"]["sync_wait_s"] / rows["overlap_off"]["sync_wait_s"], 3),
               "median_compute_only_s": round(rows["compute_only"]["median_s"], 4),
               "median_overlap_off_s": round(rows["overlap_off"]["median_s"], 4),
               "median_overlap_on_s": round(rows["overlap_on"]["median_s"], 4)}
