@@ -26,7 +26,7 @@ collective launched through `megatron_jinpan.parallel.comm` is wrapped so
 that its `wait()` also waits for a modelled serial link that transfers the
 op's bytes at that bandwidth, starting when the op is launched or when the
 link is free (whichever is later). The real gloo collective still runs, so
-results stay correct. On a GPU (`--device cuda`, nccl) use `--link-gbps 0`
+results stay correct. On a GPU (`--device auto`, nccl) use `--link-gbps 0`
 to measure the real link.
 
 Exact command used for benchmarks/results/overlap_cpu.csv:
