@@ -14,7 +14,7 @@ from megatron_jinpan.kernels import flash_attention as K  # noqa: E402
 from megatron_jinpan.models.ops import attention_reference, causal_document_mask  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
-REL = {torch.bfloat16: 2e-2}  # GPU: max error relative to the largest reference value, vs an fp32 reference
+REL = {torch.bfloat16: 3e-2}  # GPU: max error relative to the largest reference value, vs an fp32 reference
 
 
 def _qkv(b, s, hq, hk, d, dtype, device="cpu", seed=0):
@@ -147,7 +147,8 @@ def test_flash_attention_gpu_bf16(b, s, hq, hk, d):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 def test_flash_attention_gpu_bf16_varlen(d):
-    lengths = [1, 2, 3, 200, 1000, 7, 1835, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4096 - 3 - 200 - 1000 - 7 - 1835 - 9]
+    lengths = [1, 2, 3, 200, 1000, 7, 1835, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    lengths.append(4096 - sum(lengths))  # row 0: many documents; row 1: one
     q, k, v = _qkv(2, 4096, 16, 4, d, torch.bfloat16, default_device_type())
     cu = _cu(lengths + [4096]).to(q.device)
     got, want = _run(q, k, v, cu=cu, reference_dtype=torch.float32)
