@@ -18,7 +18,7 @@ test: install
 	$(PYTHON) -m pytest -m "not gpu" -q $(PYTEST_ARGS) tests
 
 test-gpu: install
-	$(PYTHON) -m pytest -m gpu -q tests
+	JINPAN_GPU_TESTS=1 $(PYTHON) -m pytest -m gpu -q tests
 
 bench-smoke: install
 	$(PYTHON) benchmarks/kernels.py --smoke
