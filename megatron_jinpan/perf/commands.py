@@ -134,7 +134,7 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("calibrate", help="fit gloo α-β on this machine and validate predicted CPU step times")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default=None)
     p.set_defaults(func=cmd_calibrate)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 CSV_FIELDS = [
     "model", "world_size", "tp", "pp", "dp", "sp", "virtual_stages", "micro_batch", "global_batch", "seq_len",
-    "recompute", "zero", "steps", "status", "step_time_s", "tokens_per_s", "tokens_per_s_per_gpu",
+    "recompute", "zero", "steps", "status", "step_time_s", "step_time_min_s", "tokens_per_s", "tokens_per_s_per_gpu",
     "tflops_per_gpu", "mfu", "fwd_s", "bwd_s", "opt_s", "comm_exposed_s", "bubble_s", "other_s",
     "comm_bytes_per_step", "comm_calls_per_step", "peak_mem_mb", "params_mb", "grads_mb", "optim_mb", "act_mb",
     "rss_mb", "backend", "hardware", "git_commit", "note",
@@ -293,6 +293,7 @@ def summarize(layout: Layout, cfg, per_rank: list[dict], steps: int) -> dict:
     m = cfg.train.global_batch // (cfg.train.micro_batch * layout.dp)
     v = layout.virtual_stages
     bubble = fb * (layout.pp - 1) / (m * v + layout.pp - 1) if layout.pp > 1 else 0.0
+    fastest = min(critical, key=lambda d: d["wall"]) if critical else None  # least disturbed step
     mems = [r["mem"] for r in per_rank if r["mem"]]
     peak = max(mems, key=lambda d: d["params"] + d["grads"] + d["optimizer"] + d["activations"]) if mems else None
     comm_tbl = per_rank[0]["comm"]
@@ -306,6 +307,8 @@ def summarize(layout: Layout, cfg, per_rank: list[dict], steps: int) -> dict:
         "tflops_per_gpu": _mean([r["tflops_per_gpu"] for r in recs]), "mfu": _mean([r.get("mfu") for r in recs]),
         "fwd_s": fwd, "bwd_s": fb - fwd, "opt_s": opt, "comm_exposed_s": comm_s, "bubble_s": bubble,
         "other_s": stat("wall") - fb - opt,
+        "step_time_min_s": fastest["wall"] if fastest else None, "fb_min_s": fastest["fb"] if fastest else None,
+        "opt_min_s": fastest["opt"] if fastest else None,
         "comm_bytes_per_step": sum(v["bytes"] for v in comm_tbl.values()),
         "comm_calls_per_step": sum(v["calls"] for v in comm_tbl.values()),
     }
