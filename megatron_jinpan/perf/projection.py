@@ -263,6 +263,7 @@ def run_projection(out_dir, clusters=("a800", "h100"), models=("llama-7b", "llam
                     continue
                 base = base or row["tokens_per_s_per_gpu"]
                 row["efficiency"] = row["tokens_per_s_per_gpu"] / base
+                row["vs_single_device"] = row["mfu"] / proj.mfu  # vs the 1-GPU compute rate, no parallel overhead
                 row["cluster_key"] = cname
                 rows.append(row)
                 print(f"[project] {cname} {model:10s} {n:4d} GPUs  {row['layout']:34s} "
@@ -271,7 +272,7 @@ def run_projection(out_dir, clusters=("a800", "h100"), models=("llama-7b", "llam
     fields = ["cluster_key", "cluster", "model", "gpus", "nodes", "layout", "tp", "pp", "vs", "dp", "micro_batch",
               "microbatches", "zero", "recompute", "sp", "global_batch_seqs", "step_time_s", "compute_s", "tp_comm_s",
               "pp_p2p_s", "bubble_s", "dp_comm_s", "dp_exposed_s", "optimizer_s", "tokens_per_s_per_gpu",
-              "tflops_per_gpu", "mfu", "efficiency", "mem_gb"]
+              "tflops_per_gpu", "mfu", "efficiency", "vs_single_device", "mem_gb"]
     with open(out_dir / "projection.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -285,14 +286,14 @@ def run_projection(out_dir, clusters=("a800", "h100"), models=("llama-7b", "llam
     lines = ["# Projected weak scaling (α-β model)", "", f"Inputs: {inputs}.", ""]
     for cname in clusters:
         lines += [f"## {CLUSTERS[cname].describe()}", "",
-                  "| model | GPUs | best layout | step s | tok/s/GPU | TFLOP/s/GPU | MFU | efficiency vs 8 | mem GB |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "| model | GPUs | best layout | step s | tok/s/GPU | TFLOP/s/GPU | MFU | efficiency vs 8 | vs 1-GPU rate "
+                  "| mem GB |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             if r["cluster_key"] != cname:
                 continue
             lines.append(f"| {r['model']} | {r['gpus']} | {r['layout']} | {r['step_time_s']:.3f} | "
                          f"{r['tokens_per_s_per_gpu']:.0f} | {r['tflops_per_gpu']:.0f} | {r['mfu']:.3f} | "
-                         f"{100 * r['efficiency']:.1f}% | {r['mem_gb']:.1f} |")
+                         f"{100 * r['efficiency']:.1f}% | {100 * r['vs_single_device']:.1f}% | {r['mem_gb']:.1f} |")
         lines.append("")
     (out_dir / "projection.md").write_text("\n".join(lines))
     _plot(rows, clusters, models, out_dir / "projection.png")
