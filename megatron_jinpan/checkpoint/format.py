@@ -273,7 +273,8 @@ def write_tensors_lazy(path: Path, specs: dict[str, tuple[tuple, torch.dtype]], 
             return tensor.contiguous()
 
     state = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
-    writer = FileSystemWriter(str(path), single_file_per_rank=True, thread_count=1)
+    # One file per tensor: DCP keeps every tensor of a file alive until the file is done.
+    writer = FileSystemWriter(str(path), single_file_per_rank=False, thread_count=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to.*single process.*")
         dcp.save(state, storage_writer=writer, planner=_LazyPlanner(), no_dist=True)

@@ -111,10 +111,7 @@ class HFReader:
 
     def _keys_of(self, file: str) -> list[str]:
         if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(str(self.path / file), framework="pt") as f:
-                return list(f.keys())
+            return [k for k in safetensors_header(self.path / file)[0] if k != "__metadata__"]
         return list(self._load_bin(file).keys())
 
     def _load_bin(self, file: str) -> dict:
@@ -138,41 +135,66 @@ class HFReader:
 
     def get(self, hf: str) -> torch.Tensor:
         file = self.weight_map[hf]
+        if file.endswith(".safetensors"):
+            return read_safetensor(self.path / file, hf)
         if file != self._open_file:
             self.close()
-            if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self._open = safe_open(str(self.path / file), framework="pt")
-                self._open.__enter__()
-            else:
-                self._open = self._load_bin(file)
+            self._open = self._load_bin(file)
             self._open_file = file
-        if file.endswith(".safetensors"):
-            return self._open.get_tensor(hf)
         return self._open[hf].clone()  # out of the mmap
 
     def shape_dtype(self, hf: str) -> tuple[tuple, torch.dtype]:
         file = self.weight_map[hf]
         if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(str(self.path / file), framework="pt") as f:
-                sl = f.get_slice(hf)
-                dtype = _SAFETENSORS_DTYPES[sl.get_dtype()]
-                return tuple(sl.get_shape()), dtype
+            info = safetensors_header(self.path / file)[0][hf]
+            return tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]]
         t = self.get(hf)
         return tuple(t.shape), t.dtype
 
     def close(self) -> None:
-        if self._open is not None and self._open_file and self._open_file.endswith(".safetensors"):
-            self._open.__exit__(None, None, None)
         self._open, self._open_file = None, None
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool}
+
+
+_HEADER_CACHE: dict = {}
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header dict, offset of the data section) of a .safetensors file."""
+    import struct
+
+    key = str(path)
+    if key not in _HEADER_CACHE:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", raw)
+            header = json.loads(f.read(n))
+        _HEADER_CACHE.clear()  # one file at a time
+        _HEADER_CACHE[key] = (header, 8 + n)
+    return _HEADER_CACHE[key]
+
+
+def read_safetensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor read with plain file reads (no mmap), so memory is that tensor only."""
+    header, base = safetensors_header(path)
+    info = header[name]
+    begin, end = info["data_offsets"]
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    out = torch.empty(tuple(info["shape"]), dtype=dtype)
+    buf = out.view(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
+    if buf.numel() != end - begin:
+        raise CheckpointError(f"{path}: {name} has {end - begin} bytes for shape {info['shape']} {info['dtype']}")
+    with open(path, "rb") as f:
+        f.seek(base + begin)
+        if buf.numel() and f.readinto(memoryview(buf.numpy())) != buf.numel():
+            raise CheckpointError(f"{path} is truncated (reading {name})")
+    return out
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
