@@ -132,6 +132,10 @@ def _worker(rank, args, port, out_path):
         forward_backward(chunks, mbs, loss_fn, mesh, schedule=args.schedule, loss_scale=1.0 / (m * b * s),
                          trace=trace)
         total = time.perf_counter() - t0
+        for chunk in chunks:  # real chunks are DataParallel-wrapped: close the step's gradient sync
+            if hasattr(chunk, "finish_grad_sync"):
+                chunk.finish_grad_sync()
+                chunk.zero_grad_buffer()
         busy = sum(e[4] - e[3] for e in trace["events"])
         if step >= args.warmup:
             rows.append((total, busy, trace["max_live"], trace["activation_bytes"]))
