@@ -109,7 +109,8 @@ def preprocess(input_path: str, tokenizer_path: str, output_prefix: str, *, work
     try:
         chunks = _chunks(input_path, json_key, append_eod)
         if workers > 1:
-            ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context("spawn")
+            # spawn, not fork: forking a process that holds torch/gloo threads can deadlock.
+            ctx = mp.get_context("spawn")
             pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,))
             results = pool.imap(_encode_chunk, chunks, chunksize=1)
         else:

@@ -65,7 +65,8 @@ def _read_chunks(path: str, json_key: str):
 
 def _pool_map(fn, chunks, workers: int):
     if workers > 1:
-        ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context("spawn")
+        # spawn, not fork: forking a process that holds torch/gloo threads can deadlock.
+        ctx = mp.get_context("spawn")
         pool = ctx.Pool(workers)
         try:
             yield from pool.imap(fn, chunks, chunksize=1)
