@@ -30,7 +30,7 @@ setup(
         "protobuf",
     ],
     extras_require={
-        "dev": ["pytest", "transformers", "matplotlib", "triton", "nvidia-ml-py"],
+        "dev": ["pytest", "transformers", "matplotlib", "triton", "nvidia-ml-py", "wheel", "setuptools>=64"],
         "flash": ["flash-attn"],
         "gpu": ["triton", "nvidia-ml-py"],
     },
