@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import statistics
 import sys
 import time
@@ -50,6 +49,8 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_jinpan.parallel.local import free_port, set_worker_env  # noqa: E402
 
 
 # ------------------------------------------------------------------ slow link
@@ -104,11 +105,6 @@ class SlowLink:
 
 
 # ------------------------------------------------------------------ worker
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _overrides(args, overlap: bool) -> list[str]:
     return [f"model.name={args.model}", "data.mock=true", f"train.seq_len={args.seq_len}", "train.micro_batch=1",
@@ -118,8 +114,7 @@ def _overrides(args, overlap: bool) -> list[str]:
 
 
 def _worker(rank, args, port, out_path):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_worker_env(rank, args.nproc, port)
     torch.set_num_threads(args.threads)
     from megatron_jinpan import device as devices
     from megatron_jinpan.config import load_config
@@ -198,7 +193,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     out_pt = f"/tmp/jinpan_overlap_{os.getpid()}.pt"
-    mp.spawn(_worker, args=(args, _free_port(), out_pt), nprocs=args.nproc, join=True)
+    mp.spawn(_worker, args=(args, free_port(), out_pt), nprocs=args.nproc, join=True)
     rows = {r["mode"]: r for r in torch.load(out_pt)}
     os.remove(out_pt)
     # min over iterations: the least-disturbed sample of each mode (the machine may be shared)

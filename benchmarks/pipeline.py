@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import statistics
 import sys
 import time
@@ -42,6 +41,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+
+from megatron_jinpan.parallel.local import free_port, set_worker_env
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_cpu.csv"
 FIELDS = ["schedule", "pp", "microbatches", "virtual_stages", "mode", "pp_rank", "step_time_s", "busy_s",
@@ -85,15 +86,8 @@ def _synthetic_loss(output, mb):
     return loss, {"tokens": torch.tensor(float(mb["labels"].numel()))}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, args, port, out_path):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.pp), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_worker_env(rank, args.pp, port)
     torch.set_num_threads(1)
     from megatron_jinpan.parallel import comm
     from megatron_jinpan.parallel.mesh import ParallelMesh
@@ -158,7 +152,7 @@ def _worker(rank, args, port, out_path):
 
 def run(args) -> list[dict]:
     out_path = f"/tmp/jinpan_pipeline_bench_{os.getpid()}.pt"
-    mp.spawn(_worker, args=(args, _free_port(), out_path), nprocs=args.pp, join=True)
+    mp.spawn(_worker, args=(args, free_port(), out_path), nprocs=args.pp, join=True)
     rows = torch.load(out_path, weights_only=False)
     os.remove(out_path)
     return rows

@@ -10,10 +10,11 @@ must match the single-process run (fp32, CPU).
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
+
+from megatron_jinpan.parallel.local import free_port, set_worker_env
 
 BASE = [
     "model.name=debug", "data.mock=true", "train.steps=3", "train.global_batch=8", "train.micro_batch=2",
@@ -22,15 +23,8 @@ BASE = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, overrides, out_path):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_worker_env(rank, world, port)
     torch.set_num_threads(1)
     from megatron_jinpan.config import load_config
     from megatron_jinpan.parallel.parallelize import gather_full_state_dict
@@ -51,7 +45,7 @@ def run_layout(overrides: list[str], nproc: int, tmp_path, base: list[str] | Non
     """Train with BASE + overrides on nproc processes; returns losses, grad norms and full params."""
     out_path = os.path.join(str(tmp_path), f"result_{abs(hash(tuple(overrides)))}_{nproc}.pt")
     all_overrides = list(base if base is not None else BASE) + [f"run_dir={tmp_path}/run_{nproc}"] + list(overrides)
-    mp.spawn(_worker, args=(nproc, _free_port(), all_overrides, out_path), nprocs=nproc, join=True)
+    mp.spawn(_worker, args=(nproc, free_port(), all_overrides, out_path), nprocs=nproc, join=True)
     return torch.load(out_path, weights_only=False)
 
 

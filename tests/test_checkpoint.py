@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from harness import BASE  # noqa: E402
 from megatron_jinpan.checkpoint import format as fmt  # noqa: E402
 from megatron_jinpan.checkpoint.format import CheckpointError  # noqa: E402
 from megatron_jinpan.checkpoint.manager import CheckpointManager  # noqa: E402
+from megatron_jinpan.parallel.local import free_port, set_worker_env
 
 COMMON = [o for o in BASE if not o.startswith(("train.steps", "checkpoint."))] + ["train.steps=4"]
 
@@ -171,15 +171,9 @@ def test_checkpoint_load_from_hf_dir(tmp_path):
 
 
 # ------------------------------------------------------------------ multi-process
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, jobs, out_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_worker_env(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -202,7 +196,7 @@ def _worker(rank, world, port, jobs, out_dir):
 
 
 def _spawn(jobs, nproc, out_dir):
-    mp.spawn(_worker, args=(nproc, _free_port(), jobs, str(out_dir)), nprocs=nproc, join=True)
+    mp.spawn(_worker, args=(nproc, free_port(), jobs, str(out_dir)), nprocs=nproc, join=True)
 
 
 def test_resume_multiprocess_exact_and_resharded(tmp_path):

@@ -8,14 +8,13 @@ while backward is still producing gradients.
 """
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from harness import BASE, assert_same_training, run_layout
+from megatron_jinpan.parallel.local import free_port, set_worker_env
 
 TINY = "parallel.bucket_mb=0.01"  # ~2.6K fp32 elements per bucket: many buckets on the debug model
 
@@ -63,15 +62,9 @@ def test_dp2_gradient_accumulation(accum_reference, tmp_path, extra):
 
 
 # ---------------------------------------------------------------- direct tests
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _setup(rank, world, port):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_worker_env(rank, world, port)
     torch.set_num_threads(1)
 
 
@@ -128,7 +121,7 @@ def _overlap_worker(rank, world, port):
 
 
 def test_overlap_is_bitwise_identical_and_launched_during_backward():
-    mp.spawn(_overlap_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_overlap_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 def test_bucket_layout_reverse_order_and_padding():

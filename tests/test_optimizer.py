@@ -3,13 +3,13 @@ optimizer-state memory, and train.trainable (embeddings / new_embeddings)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from harness import BASE, assert_same_training, run_layout
+from megatron_jinpan.parallel.local import free_port, set_worker_env
 
 # clip_grad well below the debug model's grad norm (~1) so clipping is active every step;
 # a tied embedding so the pp=2 layout exercises the embedding-group reduction.
@@ -42,11 +42,6 @@ def test_clipped_training_matches_single_process(clip_reference, tmp_path, name)
 
 
 # ---------------------------------------------------------------- in-process checks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _train(overrides, steps=2):
     from megatron_jinpan.config import load_config
@@ -57,8 +52,8 @@ def _train(overrides, steps=2):
 
 
 def _state_worker(rank, world, port, run_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), TEST_RUN_DIR=run_dir)
+    set_worker_env(rank, world, port)
+    os.environ["TEST_RUN_DIR"] = run_dir
     torch.set_num_threads(1)
     from megatron_jinpan.models import init_parameter
     from megatron_jinpan.parallel.optimizer import build_optimizer, optimizer_state_bytes
@@ -129,7 +124,7 @@ def _state_worker(rank, world, port, run_dir):
 
 
 def test_state_dict_memory_and_trainable(tmp_path):
-    mp.spawn(_state_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_state_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
 
 def test_shard_adamw_matches_torch_adamw():
@@ -160,8 +155,8 @@ def test_shard_adamw_matches_torch_adamw():
 
 
 def _new_embeddings_tp_worker(rank, world, port, run_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), TEST_RUN_DIR=run_dir)
+    set_worker_env(rank, world, port)
+    os.environ["TEST_RUN_DIR"] = run_dir
     torch.set_num_threads(1)
     from megatron_jinpan.models import init_parameter
     from megatron_jinpan.parallel.parallelize import gather_full_state_dict
@@ -178,4 +173,4 @@ def _new_embeddings_tp_worker(rank, world, port, run_dir):
 
 
 def test_new_embeddings_rows_frozen_under_tp(tmp_path):
-    mp.spawn(_new_embeddings_tp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_new_embeddings_tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)

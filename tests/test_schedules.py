@@ -6,14 +6,14 @@ The op orders are checked by simulating every rank at once (pure Python); a
 micro-batches in flight per stage, GPipe all of them. Equivalence with the
 single-process run is in test_pipeline.py.
 """
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from harness import BASE, _free_port
+from harness import BASE
 from megatron_jinpan.training.schedules import _messages_from, schedule_ops
+from megatron_jinpan.parallel.local import free_port, set_worker_env
 
 
 def _simulate(schedule, pp, m, vs, forward_only=False):
@@ -93,8 +93,7 @@ def test_bad_schedule_requests_fail_clearly():
 
 # ------------------------------------------------------------------ a live 4-stage run
 def _worker(rank, world, port, out_path):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_worker_env(rank, world, port)
     torch.set_num_threads(1)
     from megatron_jinpan import device as devices
     from megatron_jinpan.config import load_config
@@ -140,7 +139,7 @@ def _worker(rank, world, port, out_path):
 @pytest.fixture(scope="module")
 def live_run(tmp_path_factory):
     out_path = str(tmp_path_factory.mktemp("schedules") / "report.pt")
-    mp.spawn(_worker, args=(4, _free_port(), out_path), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, free_port(), out_path), nprocs=4, join=True)
     return torch.load(out_path, weights_only=False)
 
 

@@ -330,7 +330,9 @@ def _plot(rows, clusters, models, path) -> None:
 
 # ====================================================================== calibration on this machine
 def _gloo_worker(rank, world, port, sizes, reps, out_path):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from ..parallel.local import set_worker_env
+
+    set_worker_env(rank, world, port)
     import torch
     import torch.distributed as dist
 
@@ -360,12 +362,12 @@ def measure_gloo(worlds=(2, 4), sizes=(4096, 65536, 1 << 20, 4 << 20, 16 << 20),
     import torch
     import torch.multiprocessing as mp
 
-    from .runner import _free_port
+    from ..parallel.local import free_port
 
     rows = []
     for n in worlds:
         path = os.path.join(tempfile.mkdtemp(), "gloo.pt")
-        mp.spawn(_gloo_worker, args=(n, _free_port(), list(sizes), reps, path), nprocs=n, join=True)
+        mp.spawn(_gloo_worker, args=(n, free_port(), list(sizes), reps, path), nprocs=n, join=True)
         for size, t in torch.load(path).items():
             rows.append({"world": n, "bytes": size, "time_s": t})
     return rows

@@ -29,12 +29,13 @@ import csv
 import json
 import os
 import platform
-import socket
 import subprocess
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..parallel.local import free_port, set_worker_env
 
 CSV_FIELDS = [
     "model", "world_size", "tp", "pp", "dp", "sp", "virtual_stages", "micro_batch", "global_batch", "seq_len",
@@ -96,12 +97,6 @@ def hardware() -> str:
         return devices.device_name(devices.resolve_device("auto", 0))
     cpu = platform.processor() or platform.machine()
     return f"CPU {cpu} {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ====================================================================== in-worker instrumentation
@@ -221,8 +216,7 @@ def _measure_memory(holder: dict) -> dict:
 
 
 def _worker(rank, world, port, overrides, out_path, measure_memory):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_worker_env(rank, world, port)
     import torch
 
     torch.set_num_threads(int(os.environ.get("JINPAN_BENCH_THREADS", "1")))
@@ -249,7 +243,7 @@ def _spawn(world: int, overrides: list[str], out_path: str, measure_memory: bool
     """Run the workers; returns None on success or an error string."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), overrides, out_path, measure_memory),
+    ctx = mp.start_processes(_worker, args=(world, free_port(), overrides, out_path, measure_memory),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.time() + timeout_s
     try:

@@ -6,18 +6,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..parallel.local import free_port, set_worker_env
 
 
 def _worker(rank: int, world: int, port: int, cfg, entry) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_worker_env(rank, world, port)
     import torch
 
     if os.environ.get("OMP_NUM_THREADS"):
@@ -39,7 +33,7 @@ def launch(cfg, entry, nproc: int) -> None:
 
     # Share the cores between workers rather than oversubscribing them.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    mp.spawn(_worker, args=(nproc, _free_port(), cfg, entry), nprocs=nproc, join=True)
+    mp.spawn(_worker, args=(nproc, free_port(), cfg, entry), nprocs=nproc, join=True)
 
 
 def _pretrain_entry(cfg) -> None:
