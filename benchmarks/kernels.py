@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,24 +54,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_jinpan import device as dev  # noqa: E402
+from megatron_jinpan.perf.metadata import run_metadata  # noqa: E402
 from megatron_jinpan.models import ops  # noqa: E402
 
 
 # ------------------------------------------------------------------ metadata and timing
-def run_metadata(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        commit = "unknown"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = "none"
-    return {"device": dev.device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "commit": commit, "time": _dt.datetime.now().isoformat(timespec="seconds")}
 
 
 def time_ms(fn, device: torch.device, grad_to_none=(), smoke=False) -> float:

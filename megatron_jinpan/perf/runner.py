@@ -28,14 +28,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
-import subprocess
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..parallel.local import free_port, set_worker_env
+from .metadata import git_commit, hardware
 
 CSV_FIELDS = [
     "model", "world_size", "tp", "pp", "dp", "sp", "virtual_stages", "micro_batch", "global_batch", "seq_len",
@@ -77,26 +76,6 @@ class Layout:
 
 BASE = ["data.mock=true", "optim.lr=1e-3", "optim.warmup=1", "log.progress=false", "log.tensorboard=false",
         "checkpoint.resume=never", "checkpoint.save_on_exit=false", "train.eval_interval=0"]
-
-
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def hardware() -> str:
-    from .. import device as devices
-
-    import torch
-
-    if devices.accelerator_available():
-        return devices.device_name(devices.resolve_device("auto", 0))
-    cpu = platform.processor() or platform.machine()
-    return f"CPU {cpu} {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 # ====================================================================== in-worker instrumentation
