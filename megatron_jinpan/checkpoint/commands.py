@@ -3,6 +3,8 @@
     jinpan convert hf-to-mj   --input HF_DIR   --output CKPT_DIR [--tp N --pp N]
     jinpan convert mj-to-hf   --input CKPT_DIR --output HF_DIR [--max-shard-size 5GB]
     jinpan convert meta-to-mj --input META_DIR --output CKPT_DIR
+    jinpan convert resize     --input CKPT_OR_HF --output CKPT_DIR --tokenizer NEW.model
+                              [--base-tokenizer OLD.model --init subtokens] [--vocab-size N]
     jinpan generate --checkpoint CKPT_OR_HF --prompt "..." [--tokenizer T] [--max-new-tokens N]
                     [--temperature T] [--top-p P] [--seed S]
 """
@@ -13,9 +15,15 @@ import sys
 
 def cmd_convert(args) -> int:
     from .convert import hf_to_mj, meta_to_mj, mj_to_hf
+    from .resize import resize_vocab
 
     progress = not args.no_progress
-    if args.direction == "hf-to-mj":
+    if args.direction == "resize":
+        if not args.tokenizer:
+            raise ValueError("convert resize needs --tokenizer NEW.model (the extended tokenizer)")
+        out = resize_vocab(args.input, args.output, args.tokenizer, base_tokenizer=args.base_tokenizer,
+                           vocab_size=args.vocab_size, init=args.init, overwrite=args.overwrite, progress=progress)
+    elif args.direction == "hf-to-mj":
         out = hf_to_mj(args.input, args.output, tp=args.tp, pp=args.pp, overwrite=args.overwrite, progress=progress)
     elif args.direction == "mj-to-hf":
         out = mj_to_hf(args.input, args.output, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
@@ -71,14 +79,18 @@ def cmd_generate(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="convert checkpoints: hf-to-mj, mj-to-hf, meta-to-mj")
-    p.add_argument("direction", choices=["hf-to-mj", "mj-to-hf", "meta-to-mj"])
+    p = subparsers.add_parser("convert", help="convert checkpoints: hf-to-mj, mj-to-hf, meta-to-mj, resize")
+    p.add_argument("direction", choices=["hf-to-mj", "mj-to-hf", "meta-to-mj", "resize"])
     p.add_argument("--input", required=True, help="source directory")
     p.add_argument("--output", required=True, help="new output directory (never overwritten unless --overwrite)")
     p.add_argument("--tp", type=int, default=None, help="hf-to-mj: check divisibility for this tensor-parallel size")
     p.add_argument("--pp", type=int, default=None, help="hf-to-mj: check this pipeline size")
     p.add_argument("--max-shard-size", default="5GB", help="mj-to-hf: safetensors shard size (e.g. 2GB, 500MB)")
-    p.add_argument("--tokenizer", default=None, help="meta-to-mj: tokenizer.model to store with the checkpoint")
+    p.add_argument("--tokenizer", default=None, help="meta-to-mj: tokenizer.model to store with the checkpoint; "
+                   "resize: the extended tokenizer")
+    p.add_argument("--base-tokenizer", default=None, help="resize: the checkpoint's own tokenizer (for --init subtokens)")
+    p.add_argument("--vocab-size", type=int, default=None, help="resize: rows to resize to (default: tokenizer size)")
+    p.add_argument("--init", default="mean", choices=["mean", "subtokens"], help="resize: how new rows start")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)
