@@ -32,6 +32,12 @@ def name_group(group, name: str) -> None:
     _GROUP_NAMES[group] = name
 
 
+def forget_groups() -> None:
+    """Drop our references to process groups (after destroy_process_group), so they are freed now
+    rather than during interpreter shutdown, when freeing their threads can abort the process."""
+    _GROUP_NAMES.clear()
+
+
 def group_name(group) -> str:
     return _GROUP_NAMES.get(group, "world" if group is None else "other")
 

@@ -138,7 +138,16 @@ class ParallelMesh:
 
     def destroy(self) -> None:
         if self.owns_process_group and dist.is_initialized():
+            # No rank tears down its connections while another still uses them
+            # (a rank leaving early can crash a slower one's store/gloo threads).
+            if self.world_size > 1:
+                dist.barrier()
             dist.destroy_process_group()
+            self.tp_group = self.pp_group = self.dp_group = self.model_group = self.embedding_group = None
+            comm.forget_groups()
+            import gc
+
+            gc.collect()
 
 
 def check_world_size(world_size: int, tp: int, pp: int) -> None:
