@@ -15,6 +15,11 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available()
 
 
+def is_accelerator(device_type: str) -> bool:
+    """Whether tensors of this device type run on a GPU (where Triton kernels are the default)."""
+    return device_type == "cuda"
+
+
 def default_device_type() -> str:
     return "cuda" if accelerator_available() else "cpu"
 

@@ -31,7 +31,9 @@ class KernelChoice:
 
     def resolved(self, device_type: str) -> "KernelChoice":
         """Replace 'auto' by the default for the device and check each choice is usable."""
-        fast = device_type == "cuda" and _triton_available()
+        from ..device import is_accelerator
+
+        fast = is_accelerator(device_type) and _triton_available()
         out = KernelChoice(
             attention=self.attention if self.attention != "auto" else ("triton" if fast else "sdpa"),
             norm=self.norm if self.norm != "auto" else ("triton" if fast else "torch"),
