@@ -4,7 +4,7 @@
     jinpan convert mj-to-hf   --input CKPT_DIR --output HF_DIR [--max-shard-size 5GB]
     jinpan convert meta-to-mj --input META_DIR --output CKPT_DIR
     jinpan convert resize     --input CKPT_OR_HF --output CKPT_DIR --tokenizer NEW.model
-                              [--base-tokenizer OLD.model --init subtokens] [--vocab-size N]
+                              [--base-tokenizer OLD.model --init subtokens] [--vocab-size N] [--hf-output]
     jinpan generate --checkpoint CKPT_OR_HF --prompt "..." [--tokenizer T] [--max-new-tokens N]
                     [--temperature T] [--top-p P] [--seed S]
 """
@@ -22,7 +22,8 @@ def cmd_convert(args) -> int:
         if not args.tokenizer:
             raise ValueError("convert resize needs --tokenizer NEW.model (the extended tokenizer)")
         out = resize_vocab(args.input, args.output, args.tokenizer, base_tokenizer=args.base_tokenizer,
-                           vocab_size=args.vocab_size, init=args.init, overwrite=args.overwrite, progress=progress)
+                           vocab_size=args.vocab_size, init=args.init, hf_output=args.hf_output,
+                           max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=progress)
     elif args.direction == "hf-to-mj":
         out = hf_to_mj(args.input, args.output, tp=args.tp, pp=args.pp, overwrite=args.overwrite, progress=progress)
     elif args.direction == "mj-to-hf":
@@ -85,12 +86,13 @@ def register(subparsers) -> None:
     p.add_argument("--output", required=True, help="new output directory (never overwritten unless --overwrite)")
     p.add_argument("--tp", type=int, default=None, help="hf-to-mj: check divisibility for this tensor-parallel size")
     p.add_argument("--pp", type=int, default=None, help="hf-to-mj: check this pipeline size")
-    p.add_argument("--max-shard-size", default="5GB", help="mj-to-hf: safetensors shard size (e.g. 2GB, 500MB)")
+    p.add_argument("--max-shard-size", default="5GB", help="mj-to-hf, resize --hf-output: safetensors shard size (e.g. 2GB, 500MB)")
     p.add_argument("--tokenizer", default=None, help="meta-to-mj: tokenizer.model to store with the checkpoint; "
                    "resize: the extended tokenizer")
     p.add_argument("--base-tokenizer", default=None, help="resize: the checkpoint's own tokenizer (for --init subtokens)")
     p.add_argument("--vocab-size", type=int, default=None, help="resize: rows to resize to (default: tokenizer size)")
     p.add_argument("--init", default="mean", choices=["mean", "subtokens"], help="resize: how new rows start")
+    p.add_argument("--hf-output", action="store_true", help="resize: write a Hugging Face directory instead")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)
