@@ -30,7 +30,10 @@ setup(
         "protobuf",
     ],
     extras_require={
-        "dev": ["pytest", "transformers", "matplotlib", "triton", "nvidia-ml-py", "wheel", "setuptools>=64"],
+        "dev": ["pytest", "transformers", "matplotlib", "triton", "nvidia-ml-py", "wheel", "setuptools>=64",
+                "jinja2>=3.1", "lm-eval==0.4.13", "peft==0.21.2"],
+        "eval": ["lm-eval==0.4.13", "matplotlib"],
+        "lora": ["peft==0.21.2"],
         "flash": ["flash-attn"],
         "gpu": ["triton", "nvidia-ml-py"],
     },

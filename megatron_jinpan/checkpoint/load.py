@@ -70,3 +70,48 @@ def load_model(path, dtype=None, device=None):
         for name, param in model.named_parameters():
             param.copy_(state.pop(name))
     return model.eval()
+
+
+def model_config_of(path):
+    """The LlamaConfig of one of our checkpoints (or run dir) or an HF directory, without reading tensors."""
+    kind, p = resolve_source(path)
+    if kind == "hf":
+        from .hf import HFReader
+
+        reader = HFReader(p)
+        try:
+            return reader.config
+        finally:
+            reader.close()
+    return fmt.model_config_from_meta(fmt.read_meta(p))
+
+
+def load_parallel_model(path, mesh, cfg=None, **model_overrides):
+    """(Config, model chunks) of checkpoint `path` on `mesh`'s (tp, pp) layout, in eval mode.
+
+    For forward-only work on the training engine (evaluation, generation, frozen PPO roles):
+
+        mesh = ParallelMesh.create(tp, pp, device)
+        cfg, chunks = load_parallel_model("runs/sft", mesh)
+        results = forward_backward(chunks, microbatches, loss_fn, mesh, forward_only=True)
+
+    `cfg` (a Config) supplies kernels/recompute/seed choices; its model section is replaced by the
+    checkpoint's shape (plus `model_overrides`) and its parallel sizes by the mesh's.
+    """
+    import copy
+    import dataclasses
+
+    from ..config import Config
+    from ..parallel.parallelize import build_model
+    from .manager import CheckpointManager
+
+    cfg = copy.deepcopy(cfg) if cfg is not None else Config()
+    cfg.model = dataclasses.replace(model_config_of(path), **model_overrides)
+    cfg.parallel.tp, cfg.parallel.pp = mesh.tp, mesh.pp
+    if mesh.pp == 1:
+        cfg.parallel.virtual_stages = 1
+    chunks = build_model(cfg, mesh)
+    CheckpointManager(cfg, mesh).load_weights(path, chunks, None)
+    for chunk in chunks:
+        chunk.train(False)
+    return cfg, chunks

@@ -25,10 +25,10 @@ from ..parallel.mesh import ParallelMesh
 from ..parallel.optimizer import build_optimizer
 from ..parallel.parallelize import build_model
 from ..parallel.validate import validate_config
-from .losses import language_model_loss
 from .lr import learning_rate
 from .metrics import MetricsWriter
 from .schedules import forward_backward
+from .task import Task, language_model_summary, language_model_task, loss_token_count
 
 
 @dataclass
@@ -56,8 +56,11 @@ def to_device(mb: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
 
 
-def pretrain(cfg: Config, keep_mesh: bool = False) -> TrainResult:
-    """Train per `cfg`; returns the records and (for tests) the live model chunks."""
+def pretrain(cfg: Config, keep_mesh: bool = False, make_task=None) -> TrainResult:
+    """Train per `cfg`; returns the records and (for tests) the live model chunks.
+
+    `make_task(cfg, mesh) -> Task` picks the objective (default: language modelling on data.blend);
+    SFT, reward modelling and DPO pass theirs."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     validate_config(cfg, world)
     if not cfg.data.mock:
@@ -67,72 +70,92 @@ def pretrain(cfg: Config, keep_mesh: bool = False) -> TrainResult:
     device = devices.resolve_device(cfg.train.device)
     mesh = ParallelMesh.create(cfg.parallel.tp, cfg.parallel.pp, device)
     try:
-        return train(cfg, mesh)
+        task = (make_task or language_model_task)(cfg, mesh)
+        return train(cfg, mesh, task)
     finally:
         if not keep_mesh:
             mesh.destroy()
 
 
-def _global_token_count(microbatches: list[dict], mesh) -> torch.Tensor:
-    count = sum(mb["loss_mask"].sum() for mb in microbatches).to(torch.float64).reshape(())
+def _global_units(microbatches: list[dict], denominator, mesh) -> torch.Tensor:
+    """The loss units (tokens, pairs, ...) of the whole global batch: this DP rank's, summed over DP."""
+    count = sum(denominator(mb).to(torch.float64) for mb in microbatches)
+    count = torch.as_tensor(count, dtype=torch.float64, device=mesh.device).reshape(())
     comm.all_reduce(count, mesh.dp_group)
     return count
 
 
-def run_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr: float) -> dict:
-    """One optimizer step; returns loss (on the last stage; else None) and grad_norm."""
+def _sum_results(results: list[dict], mesh) -> dict:
+    """Per-micro-batch loss/metric sums (last stage) -> sums over micro-batches and DP ranks, as floats."""
+    keys = sorted(results[0]) if results else []
+    if not keys:
+        return {}
+    local = torch.stack([torch.stack([torch.as_tensor(r[k], device=mesh.device).double().reshape(())
+                                      for k in keys]) for r in results]).sum(0)
+    comm.all_reduce(local, mesh.dp_group)
+    return dict(zip(keys, local.tolist()))
+
+
+def run_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr: float, task: Task | None = None) -> dict:
+    """One optimizer step. Returns grad_norm, units (global loss units) and, on the last stage,
+    the task's summary (loss and its metrics; loss is None elsewhere)."""
+    denominator = task.denominator if task is not None else loss_token_count
+    summarize = task.summarize if task is not None else language_model_summary
     optimizer.zero_grad()
-    global_tokens = _global_token_count(microbatches, mesh)
+    units = _global_units(microbatches, denominator, mesh)
     autocast = lambda: devices.autocast_context(mesh.device, cfg.train.dtype)  # noqa: E731
     results = forward_backward(chunks, microbatches, loss_fn, mesh, schedule=cfg.parallel.pp_schedule,
-                               loss_scale=1.0 / float(global_tokens), autocast=autocast)
+                               loss_scale=1.0 / float(units.clamp(min=1)), autocast=autocast)
     out = optimizer.step(lr)
-    loss = None
+    record = {"loss": None}
     if mesh.is_last_stage:
-        total = torch.stack([r["loss"].float() for r in results]).sum().to(torch.float64)
-        comm.all_reduce(total, mesh.dp_group)
-        loss = float(total / global_tokens)
-    return {"loss": loss, "grad_norm": out["grad_norm"]}
+        record.update(summarize(_sum_results(results, mesh), float(units), False))
+    record["grad_norm"] = out["grad_norm"]
+    record["units"] = float(units)
+    return record
 
 
 @torch.no_grad()
-def evaluate(chunks, eval_sets: dict, loss_fn, cfg, mesh) -> dict:
-    """eval_loss/eval_ppl over all held-out sets, and eval_loss_<name>/eval_ppl_<name> per set."""
-    import math
-
+def evaluate(chunks, eval_sets: dict, loss_fn, cfg, mesh, task: Task | None = None) -> dict:
+    """Held-out metrics: eval_<metric>_<name> per set and eval_<metric> over all sets (unit-weighted),
+    e.g. eval_loss/eval_ppl for language modelling."""
+    denominator = task.denominator if task is not None else loss_token_count
+    summarize = task.summarize if task is not None else language_model_summary
     out = {}
     for chunk in chunks:
-        chunk.eval()
-    total_loss, total_tokens = 0.0, 0.0
+        chunk.train(False)
+    totals: dict = {}
+    total_units = 0.0
     for name, dataset in eval_sets.items():
-        loss_sum = torch.zeros((), dtype=torch.float64, device=mesh.device)
-        tokens = torch.zeros((), dtype=torch.float64, device=mesh.device)
+        sums: dict = {}
+        units = 0.0
         for i in range(cfg.train.eval_iters):
             mbs = [to_device(mb, mesh.device) for mb in dataset.microbatches(i, mesh.dp_rank, mesh.dp)]
+            if task is not None and task.prepare is not None:
+                mbs = task.prepare(mbs, None)
+            units += float(_global_units(mbs, denominator, mesh))
             results = forward_backward(chunks, mbs, loss_fn, mesh, schedule=cfg.parallel.pp_schedule,
                                        forward_only=True)
-            for r in results:
-                loss_sum += r["loss"].double()
-                tokens += r["tokens"].double()
+            if mesh.is_last_stage:
+                for k, v in _sum_results(results, mesh).items():
+                    sums[k] = sums.get(k, 0.0) + v
         if mesh.is_last_stage:
-            comm.all_reduce(loss_sum, mesh.dp_group)
-            comm.all_reduce(tokens, mesh.dp_group)
-            loss = float(loss_sum / tokens.clamp(min=1))
-            out[f"eval_loss_{name}"] = loss
-            out[f"eval_ppl_{name}"] = math.exp(min(loss, 50.0))
-            total_loss += float(loss_sum)
-            total_tokens += float(tokens)
-    if mesh.is_last_stage and total_tokens:
-        out["eval_loss"] = total_loss / total_tokens
-        out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
+            for k, v in summarize(sums, units, True).items():
+                out[f"eval_{k}_{name}"] = v
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + v
+            total_units += units
+    if mesh.is_last_stage and total_units:
+        out.update({f"eval_{k}": v for k, v in summarize(totals, total_units, True).items()})
+    if task is not None and task.extra_eval is not None:
+        out.update(task.extra_eval(chunks, mesh) or {})
     for chunk in chunks:
-        chunk.train()
+        chunk.train(True)
     return out
 
 
-def train(cfg: Config, mesh: ParallelMesh) -> TrainResult:
+def train(cfg: Config, mesh: ParallelMesh, task: Task | None = None) -> TrainResult:
     from ..checkpoint.manager import CheckpointManager
-    from ..data import build_eval_data, build_train_data
 
     run_dir = Path(cfg.run_dir)
     if mesh.rank == 0:
@@ -140,16 +163,15 @@ def train(cfg: Config, mesh: ParallelMesh) -> TrainResult:
         cfg.save(run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)
 
-    chunks = build_model(cfg, mesh)
+    task = task or language_model_task(cfg, mesh)
+    chunks = (task.build_model or build_model)(cfg, mesh)
     optimizer = build_optimizer(chunks, cfg, mesh)
     checkpoints = CheckpointManager(cfg, mesh)
     state = checkpoints.resume(chunks, optimizer) or TrainState()
-    train_data = build_train_data(cfg)
-    eval_sets = build_eval_data(cfg) if cfg.train.eval_interval > 0 else {}
-    loss_fn = language_model_loss(cfg.model.vocab_size, mesh)
+    train_data, eval_sets, loss_fn = task.train_data, task.eval_sets, task.loss_fn
 
     t = cfg.train
-    tokens_per_step = t.global_batch * t.seq_len
+    tokens_per_step = task.tokens_per_step or t.global_batch * t.seq_len
     flops_per_step = cfg.model.flops_per_token(t.seq_len) * tokens_per_step
     peak = devices.peak_tflops(mesh.device)
     writer = MetricsWriter(run_dir, mesh.is_logging_rank, t.steps, state.step, cfg.log.progress, cfg.log.tensorboard)
@@ -161,21 +183,24 @@ def train(cfg: Config, mesh: ParallelMesh) -> TrainResult:
             start = time.perf_counter()
             lr = learning_rate(step, cfg.optim, t.steps)
             microbatches = [to_device(mb, mesh.device) for mb in train_data.microbatches(step, mesh.dp_rank, mesh.dp)]
-            out = run_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr)
+            if task.prepare is not None:
+                microbatches = task.prepare(microbatches, step)
+            out = run_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr, task)
             devices.synchronize(mesh.device)
             elapsed = time.perf_counter() - start
             state.step = step + 1
             state.consumed_samples += t.global_batch
             state.tokens += tokens_per_step
             tflops = flops_per_step / elapsed / mesh.world_size / 1e12
+            metrics = {k: v for k, v in out.items() if k not in ("loss", "grad_norm", "units")}
             record = {
-                "step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"], "lr": lr,
+                "step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"], "lr": lr, **metrics,
                 "tokens": state.tokens, "tokens_per_s": tokens_per_step / elapsed, "tflops_per_gpu": tflops,
                 "mfu": (tflops / peak) if peak else None, "mem_gb": devices.max_memory_gb(mesh.device),
                 "step_time_s": elapsed,
             }
             if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
-                record.update(evaluate(chunks, eval_sets, loss_fn, cfg, mesh))
+                record.update(evaluate(chunks, eval_sets, loss_fn, cfg, mesh, task))
             if mesh.is_logging_rank:
                 records.append(record)
                 if state.step % cfg.log.interval == 0 or state.step == t.steps:
