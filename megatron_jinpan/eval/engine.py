@@ -1,0 +1,262 @@
+"""A checkpoint on the training engine, for forward-only evaluation on any (tp, pp, dp) layout.
+
+    from megatron_jinpan.eval.engine import EvalModel
+    model = EvalModel.open("runs/demo", tp=2, pp=2)            # every rank calls this (torchrun or --nproc)
+    scores = model.score([(context_ids, continuation_ids), ...])  # [(sum log p(continuation), is_greedy)]
+    texts  = model.generate_ids([prompt_ids, ...], max_new_tokens=32)
+
+Every rank calls every method with the SAME requests (so the collectives of
+the tensor/pipeline groups line up) and gets the same answers back. Requests
+are cut into batches; each data-parallel replica runs a share of the batches
+and the answers are gathered. Log-probabilities come from the vocab-parallel
+logits through `vocab_parallel_cross_entropy` (the training loss: no rank ever
+holds the full-vocabulary logits), run by `forward_backward(forward_only=True)`,
+so any pipeline schedule works.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import device as devices
+from ..config import ConfigError
+from ..parallel import comm
+from ..parallel.mesh import ParallelMesh
+from ..parallel.tensor import vocab_parallel_cross_entropy
+from ..training.schedules import forward_backward
+
+
+class EvalError(ConfigError):
+    """Bad input to an evaluation command; the message names the file/key and the fix."""
+
+
+# ---------------------------------------------------------------- tokenizer of a checkpoint
+def checkpoint_tokenizer_path(checkpoint, explicit: str | None = None) -> str:
+    """The tokenizer to evaluate `checkpoint` with: `explicit`, an HF dir itself, the checkpoint's
+    tokenizer/ dir, or its run config's data.tokenizer."""
+    from ..checkpoint.convert import find_tokenizer
+    from ..checkpoint.load import resolve_source
+
+    if explicit:
+        if not Path(explicit).exists():
+            raise FileNotFoundError(f"tokenizer {explicit} does not exist; pass a sentencepiece .model or HF dir")
+        return str(explicit)
+    kind, path = resolve_source(checkpoint)
+    if kind == "hf":
+        return str(path)
+    found = find_tokenizer(path)
+    if found is None:
+        raise EvalError(f"checkpoint {path} names no tokenizer (no tokenizer/ dir, no data.tokenizer in its "
+                        "config.yaml); pass --tokenizer PATH (tokenizer=PATH for lm-eval)")
+    return str(found)
+
+
+def check_tokenizer_fits(tokenizer, model_cfg, tokenizer_path: str, checkpoint) -> None:
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise EvalError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but checkpoint {checkpoint} "
+                        f"has vocab_size={model_cfg.vocab_size}: they do not belong together; pass the tokenizer "
+                        "the checkpoint was trained with (--tokenizer), or resize the checkpoint "
+                        "(`jinpan convert resize`)")
+
+
+# ---------------------------------------------------------------- mesh
+def open_mesh(tp: int, pp: int, device: str = "auto") -> ParallelMesh:
+    """This process's mesh: joins torchrun's / our launcher's process group, or a 1-process group."""
+    return ParallelMesh.create(int(tp), int(pp), devices.resolve_device(device))
+
+
+# ---------------------------------------------------------------- the scoring loss
+def _vocab_parallel_greedy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, mesh) -> torch.Tensor:
+    """[b, s] bool: the label is the arg-max of the (vocab-split) logits; padding columns never win."""
+    x = logits.float()
+    tp = mesh.tp
+    start = mesh.tp_rank * x.shape[-1] if tp > 1 else 0
+    valid = vocab_size - start
+    if valid < x.shape[-1]:
+        x = x.clone()
+        x[..., max(valid, 0):] = float("-inf")
+    top = x.max(dim=-1).values
+    outside = (labels < start) | (labels >= start + x.shape[-1])
+    target = x.gather(-1, (labels - start).masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1)
+    target = target.masked_fill(outside, 0.0)
+    if tp > 1:
+        comm.all_reduce(top, mesh.tp_group, op=torch.distributed.ReduceOp.MAX)
+        comm.all_reduce(target, mesh.tp_group)
+    return target >= top
+
+
+def _score_loss(output, mb, *, vocab_size: int, mesh):
+    """Per-row sum of log p(label) over the scored positions and whether every one was the arg-max."""
+    logprobs = -vocab_parallel_cross_entropy(output, mb["labels"], vocab_size, mesh)
+    mask = mb["loss_mask"].to(logprobs.dtype)
+    greedy = _vocab_parallel_greedy(output, mb["labels"], vocab_size, mesh) | (mask == 0)
+    row_logprob = (logprobs * mask).sum(-1)
+    return row_logprob.sum(), {"row_logprob": row_logprob.double(), "row_greedy": greedy.all(-1).double()}
+
+
+def _pad_to(n: int, multiple: int = 8) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+@dataclass
+class EvalModel:
+    cfg: object          # Config (model section = the checkpoint's shape)
+    chunks: list
+    mesh: ParallelMesh
+    tokenizer: object | None = None
+    tokenizer_path: str | None = None
+    checkpoint: str = ""
+    micro_batch: int = 0  # rows per micro-batch inside one batch; 0 = batch / pp (fills the pipeline)
+    dtype: str = "fp32"
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def open(cls, checkpoint, tp: int = 1, pp: int = 1, *, device: str = "auto", dtype: str = "fp32",
+             tokenizer: str | None = None, need_tokenizer: bool = True, mesh: ParallelMesh | None = None,
+             pp_schedule: str = "1f1b") -> "EvalModel":
+        """Load `checkpoint` (ours, any saved layout, or an HF dir) onto a (tp, pp) mesh in eval mode."""
+        from ..checkpoint.load import load_parallel_model, model_config_of
+        from ..config import Config
+        from ..data.tokenizer import load_tokenizer
+
+        if not Path(str(checkpoint)).exists():
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; pass a run dir, a "
+                                    "checkpoints/step_N dir or a Hugging Face model dir")
+        model_cfg = model_config_of(checkpoint)  # fail on a bad checkpoint before any collective work
+        tok, tok_path = None, None
+        if need_tokenizer or tokenizer:
+            tok_path = checkpoint_tokenizer_path(checkpoint, tokenizer)
+            tok = load_tokenizer(tok_path, key="tokenizer")
+            check_tokenizer_fits(tok, model_cfg, tok_path, checkpoint)
+        if model_cfg.num_layers % int(pp):
+            raise EvalError(f"pp={pp} does not divide the checkpoint's {model_cfg.num_layers} layers; pick a divisor")
+        mesh = mesh or open_mesh(tp, pp, device)
+        cfg = Config()
+        cfg.train.device = str(mesh.device)
+        cfg.train.dtype = dtype
+        cfg.parallel.pp_schedule = pp_schedule
+        cfg.parallel.zero = 0
+        cfg, chunks = load_parallel_model(checkpoint, mesh, cfg)
+        return cls(cfg=cfg, chunks=chunks, mesh=mesh, tokenizer=tok, tokenizer_path=tok_path,
+                   checkpoint=str(checkpoint), dtype=dtype)
+
+    def close(self) -> None:
+        self.mesh.destroy()
+
+    @property
+    def max_length(self) -> int:
+        return int(self.cfg.model.max_seq_len)
+
+    def _autocast(self):
+        return devices.autocast_context(self.mesh.device, self.dtype) if self.dtype != "fp32" else contextlib.nullcontext()
+
+    # ------------------------------------------------------------ data-parallel sharing of batches
+    def _run_sharded(self, batches: list, run_one) -> list:
+        """run_one(batch) -> list of results, on every rank of the replica that owns the batch;
+        returns the results of all batches, in order, on every rank."""
+        mine = {i: run_one(b) for i, b in enumerate(batches) if i % self.mesh.dp == self.mesh.dp_rank}
+        if self.mesh.dp > 1:
+            merged: dict = {}
+            for part in comm.all_gather_object(mine, self.mesh.dp_group):
+                merged.update(part)
+            mine = merged
+        return [r for i in range(len(batches)) for r in mine[i]]
+
+    def _from_last_stage(self, values: torch.Tensor | None, shape) -> torch.Tensor:
+        """The last pipeline stage's tensor on every stage of this pipeline."""
+        if self.mesh.pp == 1:
+            return values
+        out = values if self.mesh.is_last_stage else torch.empty(shape, dtype=torch.float64, device=self.mesh.device)
+        comm.broadcast(out, src=self.mesh.pp_ranks[-1], group=self.mesh.pp_group)
+        return out
+
+    # ------------------------------------------------------------ scoring
+    def score(self, requests: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), continuation is the greedy decode) per (context, continuation) ids.
+
+        context + continuation longer than max_length + 1 is cut on the left (the continuation is
+        kept whole, like lm-eval's `hf` model); the context must hold at least one token."""
+        for i, (ctx, cont) in enumerate(requests):
+            if not ctx:
+                raise EvalError(f"request {i}: empty context; start it with BOS (lm-eval does this)")
+            if not cont:
+                raise EvalError(f"request {i}: empty continuation; nothing to score")
+            if len(cont) > self.max_length:
+                raise EvalError(f"request {i}: continuation of {len(cont)} tokens exceeds the model's "
+                                f"max_seq_len={self.max_length}")
+        # Longest first: similar lengths share a batch (less padding), a failure to fit shows at once.
+        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        flat = self._run_sharded(batches, lambda b: self._score_batch([requests[i] for i in b]))
+        out: list = [None] * len(requests)
+        for i, r in zip([i for b in batches for i in b], flat):
+            out[i] = r
+        return out
+
+    def _score_batch(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        import functools
+
+        L = self.max_length
+        seqs = [(list(ctx) + list(cont))[-(L + 1):] for ctx, cont in rows]
+        width = min(_pad_to(max(len(s) - 1 for s in seqs)), L)
+        if self.cfg.parallel.sp and self.mesh.tp > 1:
+            width = -(-width // self.mesh.tp) * self.mesh.tp
+        mb = self.micro_batch or max(1, -(-len(rows) // self.mesh.pp))
+        n_rows = -(-len(rows) // mb) * mb
+        tokens = torch.zeros(n_rows, width, dtype=torch.long)
+        labels = torch.zeros(n_rows, width, dtype=torch.long)
+        mask = torch.zeros(n_rows, width, dtype=torch.float32)
+        for r, (seq, (_, cont)) in enumerate(zip(seqs, rows)):
+            n = len(seq) - 1
+            tokens[r, :n] = torch.tensor(seq[:-1])
+            labels[r, :n] = torch.tensor(seq[1:])
+            mask[r, n - len(cont):n] = 1.0
+        positions = torch.arange(width).expand(n_rows, width).contiguous()
+        dev = self.mesh.device
+        microbatches = [{"tokens": tokens[i:i + mb].to(dev), "labels": labels[i:i + mb].to(dev),
+                         "loss_mask": mask[i:i + mb].to(dev), "position_ids": positions[i:i + mb].to(dev)}
+                        for i in range(0, n_rows, mb)]
+        loss_fn = functools.partial(_score_loss, vocab_size=self.cfg.model.vocab_size, mesh=self.mesh)
+        with torch.no_grad():
+            results = forward_backward(self.chunks, microbatches, loss_fn, self.mesh,
+                                       schedule=self.cfg.parallel.pp_schedule, forward_only=True,
+                                       autocast=self._autocast)
+        values = None
+        if self.mesh.is_last_stage:
+            values = torch.stack([torch.cat([r["row_logprob"] for r in results]),
+                                  torch.cat([r["row_greedy"] for r in results])], dim=1).to(torch.float64)
+        values = self._from_last_stage(values, (n_rows, 2)).cpu()
+        return [(float(values[r, 0]), bool(values[r, 1] > 0.5)) for r in range(len(rows))]
+
+    # ------------------------------------------------------------ generation
+    def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int = 64, greedy: bool = True,
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                     batch_size: int = 8) -> list[list[int]]:
+        """Response ids per prompt (stopping at EOS, which is not included), via posttrain.generation."""
+        try:
+            from ..posttrain.generation import generate
+        except ImportError as exc:
+            raise EvalError("generation needs megatron_jinpan/posttrain/generation.py (the KV-cache generator), "
+                            f"which is not installed here ({exc})") from None
+        eos = self.tokenizer.eos_id if self.tokenizer is not None else 2
+        batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+
+        def run(batch):
+            out = generate(self.chunks, self.mesh, [list(prompts[i]) for i in batch], max_new_tokens=max_new_tokens,
+                           greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos,
+                           seed=seed + batch[0])
+            return [_cut_at(list(map(int, r)), eos) for r in out.responses]
+
+        return self._run_sharded(batches, run)
+
+
+def _cut_at(ids: list[int], eos: int) -> list[int]:
+    return ids[:ids.index(eos)] if eos in ids else ids
+
+
+def under_launcher() -> bool:
+    return "WORLD_SIZE" in os.environ
