@@ -67,7 +67,32 @@ def _tokenizer_extend(args) -> int:
     return 0
 
 
+def _preprocess_chat(args) -> int:
+    from .chat_preprocess import preprocess_chat
+
+    info = preprocess_chat(args.input, args.tokenizer, args.output_prefix, template=args.template or "plain",
+                           workers=args.workers, max_seq_len=args.max_seq_len, truncation=args.truncation,
+                           progress=not args.no_progress)
+    print(f"wrote {info['prefix']}.bin/.idx (+ .mask, .chat.json): kept {info['kept']} conversations "
+          f"({info['truncated']} truncated), dropped {info['dropped']} (no assistant turn "
+          f"{info['dropped_no_assistant']}, empty {info['dropped_empty']}, over-length {info['dropped_too_long']}); "
+          f"{info['tokens']} tokens, {info['answer_tokens']} answer tokens")
+    return 0
+
+
+# `jinpan preprocess --format F` handlers; `pairs` (preference data) is registered by the reward model's code.
+PREPROCESS_FORMATS = {"chat": _preprocess_chat}
+
+
 def _preprocess(args) -> int:
+    from .tokenizer import DataError
+
+    if args.format != "text":
+        if args.format not in PREPROCESS_FORMATS:
+            raise DataError(f"--format {args.format} is not available in this build; use text or chat")
+        return PREPROCESS_FORMATS[args.format](args)
+    if args.template or args.max_seq_len:
+        raise DataError("--template/--max-seq-len apply to --format chat|pairs; drop them for plain text")
     from .preprocess import preprocess
 
     info = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers, json_key=args.json_key,
@@ -141,6 +166,13 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--json-key", default="text")
     p.add_argument("--append-eod", action="store_true", help="append the eos id after each document")
+    p.add_argument("--format", choices=("text", "chat", "pairs"), default="text",
+                   help="text: one document per line; chat: one conversation per line (messages/conversations/"
+                        "alpaca) -> ids + answer-only loss mask; pairs: prompt/chosen/rejected")
+    p.add_argument("--template", help="chat template: plain | llama2 | a Jinja file or string (default plain)")
+    p.add_argument("--max-seq-len", type=int, help="chat: longest conversation in tokens (see --truncation)")
+    p.add_argument("--truncation", choices=("right", "drop"), default="right",
+                   help="chat: cut an over-length conversation to its first tokens, or drop it")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_preprocess)
 
