@@ -24,8 +24,9 @@ Two halves:
    - DP, zero=0: all-reduce of the fp32 gradient buffer (every trainable
      local parameter, each bucket padded to a multiple of dp·64 elements);
      zero=1: reduce-scatter of the same buffer + all-gather of the updated
-     parameters (param dtype). Plus three 8-byte scalars (global token count,
-     loss on the last stage, grad-norm over dp under zero=1).
+     parameters (param dtype). Plus 8-byte scalars: the global token count,
+     grad-norm partial sums over dp under zero=1, and on the last stage the
+     step's metric sums (loss and token count, 16 bytes).
    - TP, per micro-batch and layer, with c = 5 column-parallel linears
      (q, k, v, gate, up: each reduces its own input gradient) and r = 2
      row-parallel ones (o, down): all-reduces of [b,s,h], r forward + c
@@ -251,7 +252,7 @@ def expected_comm_bytes(cfg, world_size: int, rank: int = 0, act_bytes: int | No
         if p.zero == 1:
             _add(out, "all_reduce", "dp", 8)  # grad-norm partial sums
         if last_stage:
-            _add(out, "all_reduce", "dp", 8)  # loss
+            _add(out, "all_reduce", "dp", 16)  # the step's metric sums (float64): loss and its token count
     if tp * pp > 1:
         _add(out, "all_reduce", "model", 8)  # grad norm
     # ------------------------------------------------------------ TP
