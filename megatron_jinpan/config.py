@@ -114,6 +114,30 @@ class KernelsConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Pairwise reward model (`jinpan reward`, posttrain/reward.py): loss -log sigmoid(r_c - r_r - margin)."""
+
+    margin: float = 0.0          # added to every pair's margin
+    use_data_margin: bool = True  # use each pair's own "margin" field (0 when absent)
+    # After training, mean/std of the reward over the held-out sets' responses, stored in the final
+    # checkpoint's meta.json (reward_normalization) so PPO can centre rewards.
+    normalize: bool = True
+
+
+@dataclass
+class DPOConfig:
+    """Direct Preference Optimization (`jinpan dpo`, posttrain/dpo.py)."""
+
+    beta: float = 0.1
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0  # cDPO: the probability that a label is flipped (sigmoid loss only)
+    # The frozen reference: a checkpoint / HF dir; None = checkpoint.load (the initial policy).
+    reference: str | None = None
+    # Compute the reference's log-probs once before training (stored under run_dir) and free it.
+    precompute_reference: bool = False
+
+
+@dataclass
 class Config:
     model: LlamaConfig = field(default_factory=lambda: get_model_config("debug"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -123,6 +147,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     run_dir: str = "runs/default"
 
     def to_dict(self) -> dict:

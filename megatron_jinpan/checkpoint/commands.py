@@ -1,7 +1,7 @@
 """`jinpan convert ...` and `jinpan generate`.
 
     jinpan convert hf-to-mj   --input HF_DIR   --output CKPT_DIR [--tp N --pp N]
-    jinpan convert mj-to-hf   --input CKPT_DIR --output HF_DIR [--max-shard-size 5GB]
+    jinpan convert mj-to-hf   --input CKPT_DIR --output HF_DIR [--max-shard-size 5GB] [--task causal-lm|reward]
     jinpan convert meta-to-mj --input META_DIR --output CKPT_DIR
     jinpan convert resize     --input CKPT_OR_HF --output CKPT_DIR --tokenizer NEW.model
                               [--base-tokenizer OLD.model --init subtokens] [--vocab-size N] [--hf-output]
@@ -25,10 +25,11 @@ def cmd_convert(args) -> int:
                            vocab_size=args.vocab_size, init=args.init, hf_output=args.hf_output,
                            max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=progress)
     elif args.direction == "hf-to-mj":
-        out = hf_to_mj(args.input, args.output, tp=args.tp, pp=args.pp, overwrite=args.overwrite, progress=progress)
+        out = hf_to_mj(args.input, args.output, tp=args.tp, pp=args.pp, overwrite=args.overwrite, progress=progress,
+                       task=args.task)
     elif args.direction == "mj-to-hf":
         out = mj_to_hf(args.input, args.output, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                       progress=progress)
+                       progress=progress, task=args.task)
     else:
         out = meta_to_mj(args.input, args.output, overwrite=args.overwrite, progress=progress,
                          tokenizer=args.tokenizer)
@@ -93,6 +94,9 @@ def register(subparsers) -> None:
     p.add_argument("--vocab-size", type=int, default=None, help="resize: rows to resize to (default: tokenizer size)")
     p.add_argument("--init", default="mean", choices=["mean", "subtokens"], help="resize: how new rows start")
     p.add_argument("--hf-output", action="store_true", help="resize: write a Hugging Face directory instead")
+    p.add_argument("--task", default=None, choices=["causal-lm", "reward"],
+                   help="hf-to-mj / mj-to-hf: the model kind expected (reward = LlamaForSequenceClassification "
+                   "with a value head); default: whatever the input is")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)

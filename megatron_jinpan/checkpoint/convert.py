@@ -101,10 +101,27 @@ def _suggested_layout(model_cfg, tp: int | None, pp: int | None) -> dict:
 
 
 # ------------------------------------------------------------------ HF -> ours
+TASK_HEADS = {"causal-lm": "lm", "reward": "value"}
+
+
+def check_task(task: str | None, head: str, where) -> None:
+    """--task causal-lm|reward must match the model's head (None: take the model as it is)."""
+    if task is None:
+        return
+    if task not in TASK_HEADS:
+        raise CheckpointError(f"--task {task!r}: choose one of {', '.join(TASK_HEADS)}")
+    if TASK_HEADS[task] != head:
+        has = "a value head (a reward model)" if head == "value" else "an LM head (a causal LM)"
+        hint = ("to start a reward model from a language model, train with `jinpan reward` and "
+                "checkpoint.load=<this model>") if task == "reward" else "pass --task reward"
+        raise CheckpointError(f"{where} has {has}, not what --task {task} needs; {hint}")
+
+
 def hf_to_mj(input_dir, output_dir, tp: int | None = None, pp: int | None = None, overwrite: bool = False,
-             progress: bool = True) -> Path:
+             progress: bool = True, task: str | None = None) -> Path:
     reader = HFReader(input_dir)
     cfg = reader.config
+    check_task(task, cfg.head, input_dir)
     layout = _suggested_layout(cfg, tp, pp)  # vocab padding for tp happens when the trainer loads
     keys = reader.our_keys()
     expected = set(fmt.model_keys(cfg))
@@ -127,13 +144,17 @@ def hf_to_mj(input_dir, output_dir, tp: int | None = None, pp: int | None = None
 
 
 # ------------------------------------------------------------------ ours -> HF
-def mj_to_hf(input_dir, output_dir, max_shard_size="5GB", overwrite: bool = False, progress: bool = True) -> Path:
+def mj_to_hf(input_dir, output_dir, max_shard_size="5GB", overwrite: bool = False, progress: bool = True,
+             task: str | None = None) -> Path:
+    """A Hugging Face directory: LlamaForCausalLM, or LlamaForSequenceClassification (num_labels=1,
+    pad_token_id set) for a reward model (`--task reward`)."""
     from safetensors.torch import save_file
 
     path = fmt.resolve_checkpoint(input_dir)
     fmt.verify_checkpoint(path)
     meta = fmt.read_meta(path)
     cfg = fmt.model_config_from_meta(meta)
+    check_task(task, cfg.head, path)
     tensors = fmt.tensor_metadata(path)
     fmt.check_model_tensors(path, cfg, tensors)
     names = fmt.model_keys(cfg)
@@ -164,7 +185,10 @@ def mj_to_hf(input_dir, output_dir, max_shard_size="5GB", overwrite: bool = Fals
         bar.close()
         fmt.write_json_atomic(tmp / "model.safetensors.index.json",
                               {"metadata": {"total_size": total}, "weight_map": weight_map})
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
+        hf_config = config_to_hf(cfg, dtype)
+        if meta.get("reward_normalization"):  # mean/std of the reward on a reference set (posttrain/reward.py)
+            hf_config["reward_normalization"] = meta["reward_normalization"]
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
         tok = find_tokenizer(path, meta)
         if tok is not None:

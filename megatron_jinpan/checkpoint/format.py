@@ -287,7 +287,8 @@ def base_meta(model_cfg, kind: str, **extra) -> dict:
 
 
 def model_keys(model_cfg) -> list[str]:
-    """Global parameter names of the single-device model (tied models have no lm_head.weight)."""
+    """Global parameter names of the single-device model (tied models have no lm_head.weight;
+    value-head models have score.weight instead)."""
     names = ["embed_tokens.weight"]
     for i in range(model_cfg.num_layers):
         p = f"layers.{i}."
@@ -296,7 +297,9 @@ def model_keys(model_cfg) -> list[str]:
                   p + "post_attention_layernorm.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
                   p + "mlp.down_proj.weight"]
     names.append("norm.weight")
-    if not model_cfg.tie_embeddings:
+    if getattr(model_cfg, "head", "lm") == "value":
+        names.append("score.weight")  # value head (reward model / critic) instead of the LM head
+    elif not model_cfg.tie_embeddings:
         names.append("lm_head.weight")
     return names
 
@@ -309,6 +312,8 @@ def model_shapes(model_cfg) -> dict[str, tuple]:
     for name in model_keys(model_cfg):
         if name in ("embed_tokens.weight", "lm_head.weight"):
             shapes[name] = (v, h)
+        elif name == "score.weight":
+            shapes[name] = (1, h)
         elif name.endswith("norm.weight"):
             shapes[name] = (h,)
         elif name.endswith("q_proj.weight"):

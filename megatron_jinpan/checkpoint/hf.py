@@ -20,15 +20,20 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "added_tokens.json")
 
 
+# Tensors outside HF's `model.` prefix: the LM head, and the value head of LlamaForSequenceClassification.
+HEAD_NAMES = ("lm_head.weight", "score.weight")
+SEQUENCE_CLASSIFICATION = "LlamaForSequenceClassification"
+
+
 def hf_name(ours: str) -> str:
-    return ours if ours == "lm_head.weight" else "model." + ours
+    return ours if ours in HEAD_NAMES else "model." + ours
 
 
 def our_name(hf: str) -> str | None:
     """Our global name for an HF tensor name, or None for tensors we do not keep (rotary buffers)."""
     if hf.endswith("rotary_emb.inv_freq"):
         return None
-    if hf == "lm_head.weight":
+    if hf in HEAD_NAMES:
         return hf
     if hf.startswith("model."):
         return hf[len("model."):]
@@ -55,7 +60,14 @@ def config_from_hf(hf: dict):
     if hf.get("head_dim") not in (None, hidden // heads):
         raise CheckpointError(f"config.json head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return LlamaConfig(
+    head = "lm"
+    if SEQUENCE_CLASSIFICATION in (hf.get("architectures") or []):
+        labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 1))
+        if labels != 1:
+            raise CheckpointError(f"config.json is a {SEQUENCE_CLASSIFICATION} with {labels} labels; a reward "
+                                  "model has num_labels=1 (one scalar score)")
+        head = "value"
+    return LlamaConfig(head=head,
         name=str(hf.get("_name_or_path") or "hf") or "hf",
         vocab_size=int(hf["vocab_size"]), hidden_size=hidden, intermediate_size=int(hf["intermediate_size"]),
         num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
@@ -64,7 +76,19 @@ def config_from_hf(hf: dict):
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
-def config_to_hf(cfg, dtype: torch.dtype = torch.float32) -> dict:
+def config_to_hf(cfg, dtype: torch.dtype = torch.float32, pad_token_id: int = 0) -> dict:
+    """config.json for LlamaForCausalLM, or LlamaForSequenceClassification (num_labels=1) for a value head.
+
+    A sequence classifier reads its score at the last token that is not `pad_token_id`, so
+    `pad_token_id` must be set there (0 = <unk>: our data pads with 0 and ends each sequence with EOS)."""
+    out = _config_to_hf(cfg, dtype)
+    if getattr(cfg, "head", "lm") == "value":
+        out.update(architectures=[SEQUENCE_CLASSIFICATION], num_labels=1, id2label={"0": "LABEL_0"},
+                   label2id={"LABEL_0": 0}, pad_token_id=int(pad_token_id))
+    return out
+
+
+def _config_to_hf(cfg, dtype: torch.dtype) -> dict:
     dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",

@@ -63,7 +63,7 @@ def load_model(path, dtype=None, device=None):
     with torch.device("meta"):
         model = Llama(cfg)
     model.to_empty(device=device or "cpu")
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and model.lm_head is not None:
         model.lm_head.weight = model.embed_tokens.weight  # to_empty() unties shared parameters
     model = model.to(dtype or torch.float32)
     with torch.no_grad():

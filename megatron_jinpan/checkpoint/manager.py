@@ -46,6 +46,7 @@ from . import format as fmt
 from .format import CheckpointError
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
+VALUE_HEAD_KEY = fmt.MODEL_PREFIX + "score.weight"
 LOAD_BATCH_BYTES = 1 << 30
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -224,6 +225,12 @@ class CheckpointManager:
                 param, spec = specs_by_global[gname]
                 for k in STATE_KEYS:
                     optim_targets.append((f"{fmt.OPTIM_PREFIX}{_stored_name(gname, tied)}.{k}", gname, k, param, spec))
+        if optimizer is None and VALUE_HEAD_KEY not in tensors:
+            # Initial weights of a reward model / critic from a language model: the LM head is not
+            # read and the value head keeps its seeded, layout-independent initial value.
+            if any(key == VALUE_HEAD_KEY for key, _, _ in model_targets):
+                _log(self.mesh, f"{path} has no value head: score.weight starts from its seeded init")
+            model_targets = [t for t in model_targets if t[0] != VALUE_HEAD_KEY]
         needed = {key: spec for key, _, spec in model_targets}
         needed.update({key: spec for key, _, _, _, spec in optim_targets})
         problems = []
@@ -271,6 +278,7 @@ class CheckpointManager:
     @torch.no_grad()
     def _load_hf(self, path: Path, chunks) -> None:
         from .hf import HFReader
+        from .hf import hf_name as hf_name_of
 
         problems = []
         try:
@@ -283,6 +291,12 @@ class CheckpointManager:
             keys = reader.our_keys()
             for key, param, spec in self._targets(chunks):
                 name = key[len(fmt.MODEL_PREFIX):]
+                if name == "score.weight" and name not in keys:
+                    _log(self.mesh, f"{path} has no value head: score.weight starts from its seeded init")
+                    continue
+                if name not in keys:
+                    raise CheckpointError(f"checkpoint.load={path} has no tensor for {name} "
+                                          f"({hf_name_of(name)}); is it the right model?")
                 full = reader.get(keys[name])
                 param.copy_(spec.local_slice(full.to(param.dtype), self.mesh.tp_rank, self.mesh.tp))
         finally:

@@ -26,6 +26,9 @@ class LlamaConfig:
     # The embedding/LM-head rows are padded to a multiple of this times tp, so
     # the vocab splits evenly across tensor-parallel ranks (Megatron's rule).
     vocab_pad_multiple: int = 128
+    # Output head: "lm" (logits over the vocab) or "value" (a scalar per token, `score.weight`
+    # [1, hidden], as in HF's LlamaForSequenceClassification) for reward models and critics.
+    head: str = "lm"
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -38,6 +41,8 @@ class LlamaConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, key) <= 0:
                 problems.append(f"model.{key} must be positive")
+        if self.head not in ("lm", "value"):
+            problems.append(f"model.head={self.head!r} must be lm or value")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 

@@ -96,8 +96,11 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        lm = cfg.head == "lm"
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if lm else None
+        # A value head (reward model / critic) instead of the LM head: hidden -> 1 scalar per token.
+        self.score = None if lm else nn.Linear(cfg.hidden_size, 1, bias=False)
+        if cfg.tie_embeddings and lm:
             self.lm_head.weight = self.embed_tokens.weight
         self.recompute_layers = False  # train.recompute=full
 
@@ -116,7 +119,8 @@ class Llama(nn.Module):
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [b, s] (first stage) or hidden states [b, s, h] (later stages).
 
-        Returns logits [b, s, vocab] on the last stage, hidden states otherwise.
+        Returns logits [b, s, vocab] on the last stage (values [b, s] with `head: value`),
+        hidden states otherwise.
         `position_ids` restart per document for packed sequences; default 0..s-1.
         """
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
@@ -132,6 +136,8 @@ class Llama(nn.Module):
             h = self.norm(h)
         if self.lm_head is not None:
             h = self.lm_head(h)
+        elif getattr(self, "score", None) is not None:
+            h = self.score(h).squeeze(-1)
         return h
 
 

@@ -75,7 +75,8 @@ def make_stage(full: Llama, stage: int, num_stages: int, layers: range) -> Llama
     first, last = stage == 0, stage == num_stages - 1
     chunk.embed_tokens = full.embed_tokens if first else None
     chunk.norm = full.norm if last else None
-    if last and not first and full.cfg.tie_embeddings:
+    chunk.score = full.score if last else None  # a value head lives with the final norm
+    if last and not first and full.cfg.tie_embeddings and full.lm_head is not None:
         # The head's weight is tied to an embedding that lives on another rank:
         # give the last stage its own parameter (initialised like the embedding).
         with torch.device("meta"):

@@ -8,6 +8,7 @@ a (meta) `Llama` chunk for their parallel versions and records
     o_proj, down_proj        -> RowParallelLinear      weight [out, in/tp]   tp_dim 1
     embed_tokens             -> VocabParallelEmbedding weight [V'/tp, h]     tp_dim 0 (V' = padded vocab)
     lm_head                  -> ColumnParallelLinear   weight [V'/tp, h]     tp_dim 0, logits stay split
+    score (value head)       -> replicated [1, h]; under SP SequenceParallelValueHead
 
 Heads (and GQA kv-heads) are split in contiguous blocks: rank r owns q heads
 [r*nh/tp, (r+1)*nh/tp) and kv heads [r*nkv/tp, (r+1)*nkv/tp), which are
@@ -168,6 +169,27 @@ class VocabParallelEmbedding(nn.Module):
         return f"rows=[{self.vocab_start}, {self.vocab_end}), dim={self.embedding_dim}, sp={self.sequence_parallel}"
 
 
+class SequenceParallelValueHead(nn.Module):
+    """The value head (hidden -> 1, `model.head: value`) under sequence parallelism.
+
+    The head is replicated over TP. It scores this rank's sequence shard and then gathers the
+    per-token values [b, s/tp, 1] -> [b, s, 1] (not the hidden states: h times less traffic).
+    Every TP rank computes the same loss from the gathered values, so the gradient reaching the
+    gather is already the full one on each rank: backward keeps this rank's slice (no
+    reduce-scatter, which would multiply it by tp). The weight's gradient covers only the local
+    shard, so it is summed over TP like the norm weights (`ParamSpec.sequence_parallel`).
+    """
+
+    def __init__(self, hidden_size: int, group, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, hidden_size, device=device, dtype=dtype))
+        self.group = group
+
+    def forward(self, x):
+        return mappings.gather_from_sequence_parallel_region(F.linear(x, self.weight), self.group,
+                                                             grad_reduce_scatter=False)
+
+
 # ---------------------------------------------------------------- applying TP/SP to a chunk
 def apply_tensor_parallel(chunk, mesh, pcfg) -> None:
     """Swap the chunk's modules for tensor-parallel ones (on the meta device) and record param specs."""
@@ -229,6 +251,11 @@ def apply_tensor_parallel(chunk, mesh, pcfg) -> None:
                 specs[name] = ParamSpec(name, (h,), sequence_parallel=True)
     if sp and chunk.norm is not None:
         specs["norm.weight"] = ParamSpec("norm.weight", (h,), sequence_parallel=True)
+
+    if getattr(chunk, "score", None) is not None and sp:
+        chunk.score = SequenceParallelValueHead(h, group, device=meta)
+        specs["score.weight"] = ParamSpec("score.weight", (1, h), sequence_parallel=True)
+    # Without SP the value head stays a plain replicated nn.Linear on the replicated hidden states.
 
     local_vocab = padded // tp
     if chunk.embed_tokens is not None:
