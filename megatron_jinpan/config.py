@@ -103,6 +103,10 @@ class LogConfig:
     interval: int = 1
     progress: bool = True
     tensorboard: bool = True
+    # Straggler detector (training/straggler.py): every N steps gather each rank's phase times and
+    # GPU telemetry (0 = off); console warning when a rank's busy time exceeds threshold x the median.
+    straggler_interval: int = 0
+    straggler_threshold: float = 1.1
 
 
 @dataclass

@@ -7,6 +7,7 @@ CPU with gloo and on GPU with nccl unchanged.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -124,3 +125,57 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Stopwatch:
+    """Sums the durations of timed regions: the host clock on CPU (or with host=True), device events on
+    a GPU, so asynchronous kernels are timed when they actually run. Events are read back only in
+    `seconds()` (one synchronisation), which keeps timing every step cheap.
+
+        sw = Stopwatch(device)
+        t = sw.start(); ...; sw.stop(t)
+        sw.seconds(); sw.reset()
+    """
+
+    def __init__(self, device: torch.device, host: bool = False):
+        self.events = device.type == "cuda" and not host
+        self.total = 0.0
+        self.pending: list = []
+
+    def start(self):
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, started) -> None:
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.pending.append((started, event))
+        else:
+            self.total += time.perf_counter() - started
+
+    def seconds(self) -> float:
+        if self.pending:
+            self.pending[-1][1].synchronize()
+            self.total += sum(a.elapsed_time(b) for a, b in self.pending) / 1e3
+            self.pending.clear()
+        return self.total
+
+    def reset(self) -> None:
+        self.total = 0.0
+        self.pending.clear()
+
+
+def nvml_device_id(device: torch.device) -> int | str | None:
+    """What NVML calls this device: its UUID (robust to CUDA_VISIBLE_DEVICES), or None off GPU."""
+    if device.type != "cuda" or not accelerator_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+    except Exception:
+        return index

@@ -12,6 +12,12 @@ it on):
 Bytes are the logical payload of each call from this rank's view: the
 input tensor for all-reduce/broadcast/send/recv, the full output for
 all-gather, the full input for reduce-scatter.
+
+The straggler detector also measures here how long this rank is *blocked*
+in communication (synchronous calls plus `wait()` on asynchronous handles):
+
+    with comm.blocked_time(stopwatch):   # a device.Stopwatch
+        ...train a step...
 """
 from __future__ import annotations
 
@@ -73,6 +79,54 @@ def accounting():
         _stats.remove(stats)
 
 
+_blocked: list = []  # active stopwatches of time blocked in communication (a stack)
+
+
+@contextlib.contextmanager
+def blocked_time(stopwatch):
+    """Add to `stopwatch` the time spent in synchronous calls and waiting on asynchronous handles."""
+    _blocked.append(stopwatch)
+    try:
+        yield stopwatch
+    finally:
+        _blocked.remove(stopwatch)
+
+
+class _TimedWork:
+    """An async handle whose wait() counts as blocked time."""
+
+    def __init__(self, work):
+        self._work = work
+
+    def wait(self, *args, **kwargs):
+        return _blocking(lambda: self._work.wait(*args, **kwargs))
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+
+def _blocking(call):
+    if not _blocked:
+        return call()
+    watches = list(_blocked)
+    starts = [sw.start() for sw in watches]
+    try:
+        return call()
+    finally:
+        for sw, t in zip(watches, starts):
+            sw.stop(t)
+
+
+def _issue(call, async_op: bool):
+    """Run a collective; while a blocked-time stopwatch is active, time it (sync) or its wait() (async)."""
+    if not _blocked:
+        return call()
+    if async_op:
+        work = call()
+        return None if work is None else _TimedWork(work)
+    return _blocking(call)
+
+
 def _record(op: str, group, tensor_bytes: int) -> None:
     for stats in _stats:
         stats.record(op, group, tensor_bytes)
@@ -91,7 +145,7 @@ def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM, async_op:
     if group_size(group) == 1:
         return None
     _record("all_reduce", group, _nbytes(tensor))
-    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    return _issue(lambda: dist.all_reduce(tensor, op=op, group=group, async_op=async_op), async_op)
 
 
 def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group=None, async_op: bool = False):
@@ -100,7 +154,7 @@ def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group=Non
         output.copy_(tensor)
         return None
     _record("all_gather", group, _nbytes(output))
-    return _all_gather_single(output, tensor.contiguous(), group=group, async_op=async_op)
+    return _issue(lambda: _all_gather_single(output, tensor.contiguous(), group=group, async_op=async_op), async_op)
 
 
 def reduce_scatter_tensor(output: torch.Tensor, tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM,
@@ -110,21 +164,22 @@ def reduce_scatter_tensor(output: torch.Tensor, tensor: torch.Tensor, group=None
         output.copy_(tensor)
         return None
     _record("reduce_scatter", group, _nbytes(tensor))
-    return _reduce_scatter_single(output, tensor.contiguous(), op=op, group=group, async_op=async_op)
+    return _issue(lambda: _reduce_scatter_single(output, tensor.contiguous(), op=op, group=group,
+                                                 async_op=async_op), async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group=None, async_op: bool = False):
     if group_size(group) == 1:
         return None
     _record("broadcast", group, _nbytes(tensor))
-    return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+    return _issue(lambda: dist.broadcast(tensor, src=src, group=group, async_op=async_op), async_op)
 
 
 def all_gather_object(obj, group=None) -> list:
     if group_size(group) == 1:
         return [obj]
     out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    _blocking(lambda: dist.all_gather_object(out, obj, group=group))
     return out
 
 
@@ -138,7 +193,8 @@ def batch_isend_irecv(ops: list[tuple[str, torch.Tensor, int]], group=None) -> l
         _record(kind, group, _nbytes(tensor))
         fn = dist.isend if kind == "send" else dist.irecv
         p2p.append(dist.P2POp(fn, tensor, peer, group=group))
-    return dist.batch_isend_irecv(p2p)
+    works = dist.batch_isend_irecv(p2p)
+    return [_TimedWork(w) for w in works] if _blocked else works
 
 
 def wait_all(requests) -> None:

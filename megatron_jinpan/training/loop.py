@@ -28,6 +28,7 @@ from ..parallel.validate import validate_config
 from .lr import learning_rate
 from .metrics import MetricsWriter
 from .schedules import forward_backward
+from .straggler import NO_TIMERS, StragglerDetector
 from .task import Task, language_model_summary, language_model_task, loss_token_count
 
 
@@ -96,17 +97,21 @@ def _sum_results(results: list[dict], mesh) -> dict:
     return dict(zip(keys, local.tolist()))
 
 
-def run_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr: float, task: Task | None = None) -> dict:
+def run_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr: float, task: Task | None = None,
+             timers=NO_TIMERS) -> dict:
     """One optimizer step. Returns grad_norm, units (global loss units) and, on the last stage,
-    the task's summary (loss and its metrics; loss is None elsewhere)."""
+    the task's summary (loss and its metrics; loss is None elsewhere). `timers` (the straggler
+    detector) times the forward_backward and optimizer phases."""
     denominator = task.denominator if task is not None else loss_token_count
     summarize = task.summarize if task is not None else language_model_summary
     optimizer.zero_grad()
     units = _global_units(microbatches, denominator, mesh)
     autocast = lambda: devices.autocast_context(mesh.device, cfg.train.dtype)  # noqa: E731
-    results = forward_backward(chunks, microbatches, loss_fn, mesh, schedule=cfg.parallel.pp_schedule,
-                               loss_scale=1.0 / float(units.clamp(min=1)), autocast=autocast)
-    out = optimizer.step(lr)
+    with timers.phase("forward_backward"):
+        results = forward_backward(chunks, microbatches, loss_fn, mesh, schedule=cfg.parallel.pp_schedule,
+                                   loss_scale=1.0 / float(units.clamp(min=1)), autocast=autocast)
+    with timers.phase("optimizer"):
+        out = optimizer.step(lr)
     record = {"loss": None}
     if mesh.is_last_stage:
         record.update(summarize(_sum_results(results, mesh), float(units), False))
@@ -175,6 +180,7 @@ def train(cfg: Config, mesh: ParallelMesh, task: Task | None = None) -> TrainRes
     flops_per_step = cfg.model.flops_per_token(t.seq_len) * tokens_per_step
     peak = devices.peak_tflops(mesh.device)
     writer = MetricsWriter(run_dir, mesh.is_logging_rank, t.steps, state.step, cfg.log.progress, cfg.log.tensorboard)
+    detector = StragglerDetector(cfg, mesh, chunks)
     records = []
     checkpoints.install_signal_handler()
     try:
@@ -182,11 +188,14 @@ def train(cfg: Config, mesh: ParallelMesh, task: Task | None = None) -> TrainRes
             devices.reset_peak_memory(mesh.device)
             start = time.perf_counter()
             lr = learning_rate(step, cfg.optim, t.steps)
-            microbatches = [to_device(mb, mesh.device) for mb in train_data.microbatches(step, mesh.dp_rank, mesh.dp)]
-            if task.prepare is not None:
-                microbatches = task.prepare(microbatches, step)
-            out = run_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr, task)
-            devices.synchronize(mesh.device)
+            with detector.step():
+                microbatches = [to_device(mb, mesh.device) for mb in train_data.microbatches(step, mesh.dp_rank, mesh.dp)]
+                data_time = time.perf_counter() - start
+                detector.add_data_time(data_time)
+                if task.prepare is not None:
+                    microbatches = task.prepare(microbatches, step)
+                out = run_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr, task, timers=detector)
+                devices.synchronize(mesh.device)
             elapsed = time.perf_counter() - start
             state.step = step + 1
             state.consumed_samples += t.global_batch
@@ -197,13 +206,15 @@ def train(cfg: Config, mesh: ParallelMesh, task: Task | None = None) -> TrainRes
                 "step": state.step, "loss": out["loss"], "grad_norm": out["grad_norm"], "lr": lr, **metrics,
                 "tokens": state.tokens, "tokens_per_s": tokens_per_step / elapsed, "tflops_per_gpu": tflops,
                 "mfu": (tflops / peak) if peak else None, "mem_gb": devices.max_memory_gb(mesh.device),
-                "step_time_s": elapsed,
+                "step_time_s": elapsed, "data_time_s": data_time,
             }
+            straggler = detector.report(state.step, writer)  # {} except every log.straggler_interval steps
+            record.update(straggler)
             if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
                 record.update(evaluate(chunks, eval_sets, loss_fn, cfg, mesh, task))
             if mesh.is_logging_rank:
                 records.append(record)
-                if state.step % cfg.log.interval == 0 or state.step == t.steps:
+                if state.step % cfg.log.interval == 0 or state.step == t.steps or straggler:
                     writer.log(record)
             checkpoints.maybe_save(state, chunks, optimizer)
             if checkpoints.stop_requested():
