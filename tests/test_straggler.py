@@ -199,3 +199,14 @@ def test_telemetry_reaches_metrics_and_detector_off_adds_nothing(tmp_path, monke
     assert not any(k.startswith(("straggler_", "gpu_")) for r in off.records for k in r)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in off.records]),
                                torch.tensor([r["loss"] for r in on.records[:2]]), rtol=0, atol=0)
+
+
+def test_benchmark_metadata_carries_driver_clocks_and_topology(monkeypatch, fresh_nvml):
+    from megatron_jinpan import device as devices
+    from megatron_jinpan.perf.metadata import run_metadata
+
+    assert not any(k.startswith("gpu_") for k in run_metadata(torch.device("cpu")))  # CPU: nothing added
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
+    monkeypatch.setattr(devices, "nvml_device_id", lambda device: 0)  # as if this were GPU 0
+    meta = run_metadata(torch.device("cpu"))
+    assert meta["gpu_driver"] == "550.54.15" and meta["gpu_pcie"] == "gen5 x16" and meta["commit"]
