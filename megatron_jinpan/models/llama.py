@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import LlamaConfig
+from .kv_cache import cached_attention
 
 
 class RMSNorm(nn.Module):
@@ -45,7 +46,7 @@ class Attention(nn.Module):
         self.attention_backend = "sdpa"
         self.recompute_core = False  # train.recompute=selective
 
-    def forward(self, x, cos, sin, cu_seqlens=None):
+    def forward(self, x, cos, sin, cu_seqlens=None, kv_cache=None):
         # Head counts come from the projections' outputs, so a tensor-parallel
         # shard (fewer local heads, or a gathered sequence under SP) just works.
         q = self.q_proj(x)
@@ -54,7 +55,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
         q, k = ops.apply_rotary(q, k, cos, sin, self.rope_backend)
-        if self.recompute_core and torch.is_grad_enabled():
+        if kv_cache is not None:
+            # Incremental decoding (models/kv_cache.py): attend to every cached key of the sequence.
+            k, v = kv_cache.update(k, v)
+            out = cached_attention(q, k, v, kv_cache.mask)
+        elif self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, cu_seqlens, use_reentrant=False)
         else:
             out = self._core(q, k, v, cu_seqlens)
@@ -84,8 +89,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens)
+    def forward(self, x, cos, sin, cu_seqlens=None, kv_cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -116,22 +121,28 @@ class Llama(nn.Module):
         return self
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
         """tokens [b, s] (first stage) or hidden states [b, s, h] (later stages).
 
         Returns logits [b, s, vocab] on the last stage (values [b, s] with `head: value`),
         hidden states otherwise.
         `position_ids` restart per document for packed sequences; default 0..s-1.
+        `kv_cache` (models/kv_cache.KVCache, after `begin`): decode incrementally, reading and
+        extending the cached keys/values of this chunk's layers.
         """
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         cos, sin = ops.rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
-        for layer in self.layers.values():
-            if self.recompute_layers and torch.is_grad_enabled():
+        for name, layer in self.layers.items():
+            if kv_cache is not None:
+                h = layer(h, cos, sin, None, kv_cache.layer(name))
+            elif self.recompute_layers and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, cu_seqlens)
+        if kv_cache is not None:
+            kv_cache.end()
         if self.norm is not None:
             h = self.norm(h)
         if self.lm_head is not None:
