@@ -57,6 +57,9 @@ class TrainConfig:
     eval_iters: int = 4
     # Rows of the embedding/LM head below this index stay frozen with trainable=new_embeddings.
     new_embeddings_from: int = 0
+    # Held-out JSONL of prompts with reference answers (chat formats; the last assistant turn is the
+    # reference): at each eval, greedy answers -> eval_exact_match / eval_contains (posttrain/sft.py).
+    eval_generate: str | None = None
 
 
 @dataclass
@@ -142,6 +145,22 @@ class DPOConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (`jinpan sft`, posttrain/sft.py); see docs/sft.md."""
+
+    # Chat template the chat datasets were preprocessed with (checked) and eval prompts are built with:
+    # plain | llama2 | a Jinja file / string.
+    template: str = "plain"
+    # Several conversations per train.seq_len row, each attending only to itself (cu_seqlens).
+    packing: bool = True
+    # A conversation longer than train.seq_len + 1 tokens: keep its first tokens, or leave it out.
+    truncation: Literal["right", "drop"] = "right"
+    # train.eval_generate: tokens generated per prompt, and how many prompts (0 = all).
+    eval_max_new_tokens: int = 32
+    eval_samples: int = 0
+
+
+@dataclass
 class Config:
     model: LlamaConfig = field(default_factory=lambda: get_model_config("debug"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -151,6 +170,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     run_dir: str = "runs/default"
