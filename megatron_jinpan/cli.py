@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "megatron_jinpan.data.commands",        # tokenizer, preprocess, data
     "megatron_jinpan.checkpoint.commands",  # convert, generate
     "megatron_jinpan.perf.commands",        # bench
+    "megatron_jinpan.posttrain.preference_commands",  # reward, reward score, dpo
     "megatron_jinpan.posttrain.sft_commands",  # sft
 )
 

@@ -80,8 +80,14 @@ def _preprocess_chat(args) -> int:
     return 0
 
 
+def _preprocess_pairs(args) -> int:
+    from ..posttrain.pairs import preprocess_command
+
+    return preprocess_command(args)
+
+
 # `jinpan preprocess --format F` handlers; `pairs` (preference data) is registered by the reward model's code.
-PREPROCESS_FORMATS = {"chat": _preprocess_chat}
+PREPROCESS_FORMATS = {"chat": _preprocess_chat, "pairs": _preprocess_pairs}
 
 
 def _preprocess(args) -> int:

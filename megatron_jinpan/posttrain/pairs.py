@@ -15,7 +15,7 @@ Counted and skipped (never an error): an empty side, identical sides, a side lon
 
 On disk (`PREFIX` = --output-prefix):
     PREFIX.bin/.idx        megatron-core indexed dataset; document k = pair k = [chosen, rejected]
-    PREFIX_mask.bin/.idx   same layout, uint8: 1 on the tokens of the final answer (its EOS included)
+    PREFIX.mask.bin/.idx   same layout, uint8: 1 on the tokens of the final answer (its EOS included)
     PREFIX.margin.npy      float32 margin per pair (0 when absent)
     PREFIX.pairs.json      counts, skips, template, tokenizer
 
@@ -179,7 +179,7 @@ def _line_chunks(path: str):
 
 def preprocess_pairs(input_path: str, tokenizer_path: str, output_prefix: str, *, template: str = "plain",
                      max_seq_len: int = 2048, workers: int = 1, progress: bool = True) -> dict:
-    """Tokenize a JSONL file of preference pairs into PREFIX(.bin/.idx, _mask.bin/.idx, .margin.npy,
+    """Tokenize a JSONL file of preference pairs into PREFIX(.bin/.idx, .mask.bin/.idx, .margin.npy,
     .pairs.json); returns the counts. Written to temporary names and renamed at the end."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
@@ -194,7 +194,7 @@ def preprocess_pairs(input_path: str, tokenizer_path: str, output_prefix: str, *
     prefix = str(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     suffix = f".tmp{os.getpid()}"
-    finals = [prefix + ".bin", prefix + ".idx", prefix + "_mask.bin", prefix + "_mask.idx",
+    finals = [prefix + ".bin", prefix + ".idx", prefix + ".mask.bin", prefix + ".mask.idx",
               prefix + ".margin.npy", prefix + ".pairs.json"]
     tmps = [f + suffix for f in finals]
     tokens = IndexedDatasetBuilder(tmps[0], dtype=DType.optimal_dtype(tok.vocab_size))
@@ -252,13 +252,25 @@ def preprocess_pairs(input_path: str, tokenizer_path: str, output_prefix: str, *
     return info
 
 
+def preprocess_command(args) -> int:
+    """`jinpan preprocess --format pairs` (hooked into data/commands.py)."""
+    info = preprocess_pairs(args.input, args.tokenizer, args.output_prefix, template=args.template or "plain",
+                            max_seq_len=args.max_seq_len or 2048, workers=args.workers,
+                            progress=not args.no_progress)
+    sk = info["skipped"]
+    print(f"wrote {info['prefix']}.bin/.idx (+ .mask, .margin.npy, .pairs.json): {info['pairs']} pairs, "
+          f"{info['tokens']} tokens; skipped {sum(sk.values())} (empty side {sk['empty']}, identical sides "
+          f"{sk['identical']}, longer than --max-seq-len {sk['too_long']})")
+    return 0
+
+
 # ---------------------------------------------------------------- reading
 def check_pairs_prefix(prefix: str, key: str) -> str:
     prefix = str(prefix)
     for ext in (".bin", ".idx", ".pairs.json"):
         if prefix.endswith(ext):
             prefix = prefix[: -len(ext)]
-    missing = [s for s in (".bin", ".idx", "_mask.bin", "_mask.idx", ".margin.npy", ".pairs.json")
+    missing = [s for s in (".bin", ".idx", ".mask.bin", ".mask.idx", ".margin.npy", ".pairs.json")
                if not Path(prefix + s).is_file()]
     if missing:
         raise FileNotFoundError(f"{key}={prefix}: {prefix}{missing[0]} does not exist; make it with "
@@ -275,12 +287,12 @@ class PairStore:
         self.prefix = check_pairs_prefix(prefix, key)
         self.info = json.loads(Path(self.prefix + ".pairs.json").read_text())
         self.tokens = IndexedDataset(self.prefix, multimodal=False, mmap=True)
-        self.masks = IndexedDataset(self.prefix + "_mask", multimodal=False, mmap=True)
+        self.masks = IndexedDataset(self.prefix + ".mask", multimodal=False, mmap=True)
         self.margins = np.load(self.prefix + ".margin.npy")
         n = len(self.tokens.document_indices) - 1
         if len(self.tokens) != 2 * n or len(self.masks) != len(self.tokens) or len(self.margins) != n:
             raise DataError(f"{key}={self.prefix} is not a pairs dataset (documents must be [chosen, rejected] "
-                            "with matching _mask and .margin.npy); remake it with `jinpan preprocess --format pairs`")
+                            "with matching .mask and .margin.npy); remake it with `jinpan preprocess --format pairs`")
         lengths = self.tokens.sequence_lengths.reshape(n, 2)
         self.lengths = lengths.astype(np.int64)
         self.num_pairs = n

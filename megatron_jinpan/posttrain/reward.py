@@ -229,8 +229,8 @@ def score_texts(record: dict, where: str, template, tokenizer) -> dict[str, list
         raise DataError(f"{where} is a JSON {type(record).__name__}, not an object")
     if "chosen" in record or "rejected" in record:
         chosen, rejected, _ = pair_conversations(record, where)
-        return {"reward_chosen": template.encode(chosen, tokenizer, where)[0],
-                "reward_rejected": template.encode(rejected, tokenizer, where)[0]}
+        return {"reward_chosen": _encode_scored(chosen, template, tokenizer, where),
+                "reward_rejected": _encode_scored(rejected, template, tokenizer, where)}
     if "response" in record:
         prompt = record.get("prompt")
         if prompt is None:
@@ -243,4 +243,14 @@ def score_texts(record: dict, where: str, template, tokenizer) -> dict[str, list
         msgs = to_messages(record, where)
     if not msgs or msgs[-1]["role"] != "assistant":
         raise DataError(f"{where}: the conversation to score must end with an assistant message")
-    return {"reward": template.encode(msgs, tokenizer, where)[0]}
+    return {"reward": _encode_scored(msgs, template, tokenizer, where)}
+
+
+def _encode_scored(messages, template, tokenizer, where: str) -> list[int]:
+    """Ids of a conversation to score; an empty answer is scored too (the prompt, then EOS)."""
+    from .chat import NoAnswer
+
+    try:
+        return template.encode(messages, tokenizer, where)[0]
+    except NoAnswer:
+        return template.encode_prompt(messages[:-1], tokenizer, where) + [tokenizer.eos_id]
