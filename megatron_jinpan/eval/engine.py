@@ -16,6 +16,7 @@ so any pipeline schedule works.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +118,11 @@ class EvalModel:
     @classmethod
     def open(cls, checkpoint, tp: int = 1, pp: int = 1, *, device: str = "auto", dtype: str = "fp32",
              tokenizer: str | None = None, need_tokenizer: bool = True, mesh: ParallelMesh | None = None,
-             pp_schedule: str = "1f1b") -> "EvalModel":
-        """Load `checkpoint` (ours, any saved layout, or an HF dir) onto a (tp, pp) mesh in eval mode."""
+             pp_schedule: str = "1f1b", cfg=None) -> "EvalModel":
+        """Load `checkpoint` (ours, any saved layout, or an HF dir) onto a (tp, pp) mesh in eval mode.
+
+        `cfg` (a Config, default the defaults) supplies data/batch settings; its model and parallel
+        sections are replaced by the checkpoint's shape and the mesh."""
         from ..checkpoint.load import load_parallel_model, model_config_of
         from ..config import Config
         from ..data.tokenizer import load_tokenizer
@@ -135,11 +139,12 @@ class EvalModel:
         if model_cfg.num_layers % int(pp):
             raise EvalError(f"pp={pp} does not divide the checkpoint's {model_cfg.num_layers} layers; pick a divisor")
         mesh = mesh or open_mesh(tp, pp, device)
-        cfg = Config()
+        cfg = copy.deepcopy(cfg) if cfg is not None else Config()
         cfg.train.device = str(mesh.device)
         cfg.train.dtype = dtype
         cfg.parallel.pp_schedule = pp_schedule
         cfg.parallel.zero = 0
+        cfg.parallel.sp = False  # any sequence length; nothing to save in forward-only work
         cfg, chunks = load_parallel_model(checkpoint, mesh, cfg)
         return cls(cfg=cfg, chunks=chunks, mesh=mesh, tokenizer=tok, tokenizer_path=tok_path,
                    checkpoint=str(checkpoint), dtype=dtype)
