@@ -26,7 +26,7 @@ BASE = [
     "checkpoint.save_on_exit=false",
 ]
 SLOW_RANK = 3        # (pp 1, dp 0, tp 1) under tp=2, pp=2 on 4 processes
-DELAY_S = 0.08       # per micro-batch backward: 4 micro-batches -> 0.32 s per step
+DELAY_S = 0.15       # per micro-batch backward: 4 micro-batches -> 0.6 s per step
 
 
 def _slow_backward_task(cfg, mesh):

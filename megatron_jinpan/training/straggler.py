@@ -23,7 +23,8 @@ Every `log.straggler_interval` steps each rank averages these over the interval,
 adds its GPU telemetry (telemetry.py; absent without NVML), and one all-gather
 of that small vector (world x 13 float64) gives every rank the table. The score
 of a rank is busy_s / median busy_s of comparable ranks: those of the same
-pipeline stage (identical work) when the stage has >= 3 ranks, else all ranks.
+pipeline stage (identical work; stages differ, the last one has the LM head
+and loss) when the stage has >= 2 ranks, else all ranks.
 metrics.jsonl / TensorBoard get `straggler_*` keys (slowest and fastest rank,
 their (pp, dp, tp) coordinates, host, score and phase times) and cross-rank
 max/min of the telemetry (`gpu_*_max`/`gpu_*_min`); the console gets one line
@@ -199,14 +200,14 @@ def _median(values: list[float]) -> float:
 
 def scores(rows: list[dict], coords: list[tuple]) -> list[float]:
     """busy_s of each rank over the median busy_s of its comparable ranks (same pipeline stage when the
-    stage has >= 3 ranks — stages do different work — else all ranks)."""
+    stage has >= 2 ranks — stages do different work — else all ranks)."""
     all_busy = [r["busy_s"] for r in rows]
     by_stage: dict = {}
     for r, (pp, _, _) in zip(rows, coords):
         by_stage.setdefault(pp, []).append(r["busy_s"])
     out = []
     for r, (pp, _, _) in zip(rows, coords):
-        peers = by_stage[pp] if len(by_stage[pp]) >= 3 else all_busy
+        peers = by_stage[pp] if len(by_stage[pp]) >= 2 else all_busy
         median = _median(peers)
         out.append(r["busy_s"] / median if median > 0 else 1.0)
     return out
