@@ -167,8 +167,7 @@ def test_generate(tmp_path, capsys):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0].tolist()
     assert ours == ref
-    sampled = generate(model, prompt, max_new_tokens=5, temperature=0.8, top_p=0.9,
-                       generator=torch.Generator().manual_seed(0))
+    sampled = generate(model, prompt, max_new_tokens=5, temperature=0.8, top_p=0.9, seed=0)
     assert len(sampled) == len(prompt) + 5 and all(0 <= t < 97 for t in sampled)
     # CLI: a byte-level tokenizer directory written next to the checkpoint.
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_tiny_tokenizer(), bos_token="<s>", eos_token="</s>")

@@ -161,3 +161,46 @@ def test_bad_prompts():
         check_prompts([[1, 300]], 256, 256, 10)
     with pytest.raises(ValueError, match="empty"):
         check_prompts([[]], 256, 256, 10)
+
+
+def _hf_checkpoint(path):
+    """A random 2-layer HF Llama with a character tokenizer saved in the same directory."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz :?\n"):
+        vocab[ch] = 3 + i
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(path)
+
+
+def test_cli_input_jsonl_on_a_pipeline(tmp_path):
+    import json
+
+    from megatron_jinpan.cli import main
+
+    _hf_checkpoint(tmp_path / "hf")
+    lines = [{"prompt": "what is a bond"}, {"messages": [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": "old answer"}]},
+             {"instruction": "add", "input": "one and two"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    common = ["generate", "--checkpoint", str(tmp_path / "hf"), "--input", str(tmp_path / "in.jsonl"),
+              "--template", "plain", "--max-new-tokens", "6", "--greedy", "--device", "cpu"]
+    assert main(common + ["--output", str(tmp_path / "one.jsonl")]) == 0
+    assert main(common + ["--output", str(tmp_path / "two.jsonl"), "--nproc", "2", "--pp", "2"]) == 0
+    one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert one == two and len(one) == 3
+    assert [r["prompt"] for r in one] == ["what is a bond", "hi", "add\n\none and two"]
+    assert all(r["response_tokens"] <= 6 for r in one)
+    # Bad requests: one clear error, exit code 2.
+    assert main(common + ["--top-p", "0"]) == 2
+    assert main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "ab", "--max-new-tokens", "200",
+                 "--device", "cpu"]) == 2

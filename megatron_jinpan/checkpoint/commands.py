@@ -5,8 +5,9 @@
     jinpan convert meta-to-mj --input META_DIR --output CKPT_DIR
     jinpan convert resize     --input CKPT_OR_HF --output CKPT_DIR --tokenizer NEW.model
                               [--base-tokenizer OLD.model --init subtokens] [--vocab-size N] [--hf-output]
-    jinpan generate --checkpoint CKPT_OR_HF --prompt "..." [--tokenizer T] [--max-new-tokens N]
-                    [--temperature T] [--top-p P] [--seed S]
+    jinpan generate --checkpoint CKPT_OR_HF (--prompt "..." | --input X.jsonl [--output Y.jsonl])
+                    [--template NAME] [--tokenizer T] [--max-new-tokens N] [--temperature T] [--top-p P]
+                    [--top-k K] [--greedy] [--seed S] [--nproc N --tp N --pp N]   (checkpoint/generate.py)
 """
 from __future__ import annotations
 
@@ -61,23 +62,9 @@ def _find_tokenizer(checkpoint: str, explicit: str | None):
 
 
 def cmd_generate(args) -> int:
-    import torch
+    from .generate import cmd_generate as run
 
-    from .. import load_model
-    from .generate import generate
-
-    tok = _find_tokenizer(args.checkpoint, args.tokenizer)
-    model = load_model(args.checkpoint)
-    ids = tok.encode(args.prompt)
-    if getattr(tok, "bos_id", -1) is not None and tok.bos_id >= 0:
-        ids = [tok.bos_id] + ids
-    if max(ids, default=0) >= model.cfg.vocab_size:
-        raise ValueError(f"tokenizer ids exceed the model's vocab_size={model.cfg.vocab_size}; wrong --tokenizer?")
-    gen = torch.Generator().manual_seed(args.seed)
-    out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   eos_id=getattr(tok, "eos_id", None), generator=gen)
-    sys.stdout.write(args.prompt + tok.decode(out[len(ids):]) + "\n")
-    return 0
+    return run(args)
 
 
 def register(subparsers) -> None:
@@ -101,12 +88,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)
 
-    g = subparsers.add_parser("generate", help="sample a continuation from a checkpoint or HF dir (CPU ok)")
-    g.add_argument("--checkpoint", required=True, help="our checkpoint (step dir, checkpoints dir, run dir) or HF dir")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--tokenizer", default=None, help="sentencepiece .model or HF tokenizer dir")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g = subparsers.add_parser("generate", help="continue prompts with a checkpoint (KV cache, any tp/pp/dp layout)")
+    from .generate import add_arguments
+
+    add_arguments(g)
     g.set_defaults(func=cmd_generate)

@@ -54,6 +54,12 @@ from ..parallel import comm, mappings
 from ..parallel.parallelize import unwrap
 
 
+class GenerationError(ValueError):
+    """A bad request (prompt, length, sampling option); the message names the fix."""
+
+    user_facing = True
+
+
 @dataclass
 class GenerationOutput:
     responses: list[list[int]]    # generated ids (EOS included when reached), no prompt
@@ -121,15 +127,26 @@ def sequence_parallel_off(modules):
             m.sequence_parallel = True
 
 
+def check_sampling(max_new_tokens: int, greedy: bool, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not greedy and temperature <= 0:
+        raise GenerationError(f"temperature={temperature} must be > 0 when sampling (or use greedy)")
+    if top_k < 0:
+        raise GenerationError(f"top_k={top_k} must be >= 0 (0 = no top-k filter)")
+    if not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p={top_p} must be in (0, 1]")
+
+
 def check_prompts(prompts, vocab_size: int, max_seq_len: int, max_new_tokens: int) -> None:
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+            raise GenerationError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
         if min(p) < 0 or max(p) >= vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}) (model.vocab_size); "
+            raise GenerationError(f"prompt {i} has token ids outside [0, {vocab_size}) (model.vocab_size); "
                              f"was it encoded with another tokenizer?")
         if len(p) + max_new_tokens > max_seq_len:
-            raise ValueError(f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} > "
+            raise GenerationError(f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} > "
                              f"model.max_seq_len={max_seq_len}; shorten the prompt or lower max_new_tokens")
 
 
@@ -141,16 +158,11 @@ def generate(chunks, mesh, prompts: list[list[int]], *, max_new_tokens: int = 64
     """Continue each prompt (token ids) by up to `max_new_tokens` tokens; see the module docstring."""
     modules = [unwrap(c) for c in chunks]
     cfg = modules[0].cfg
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 when sampling (or use greedy)")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    check_sampling(max_new_tokens, greedy, temperature, top_k, top_p)
     if temperature <= 0:
         temperature = 1.0  # greedy: log-probs at temperature 1
     if mesh.is_last_stage and getattr(modules[-1], "lm_head", None) is None:
-        raise ValueError("generation needs a language-model head (model.head=lm), not a value head")
+        raise GenerationError("generation needs a language-model head (model.head=lm), not a value head")
     check_prompts(prompts, cfg.vocab_size, cfg.max_seq_len, max_new_tokens)
     if not prompts:
         return GenerationOutput([], [], [])
@@ -225,7 +237,10 @@ def generate(chunks, mesh, prompts: list[list[int]], *, max_new_tokens: int = 64
 
 def _sample(last_logits, vocab_size, mesh, greedy, temperature, top_k, top_p, generator):
     """Gather the last position's vocab-parallel logits over TP, sample, make TP ranks agree."""
-    logits = mappings.gather_dim(last_logits.float().contiguous(), mesh.tp_group, -1)[:, :vocab_size]
+    logits = last_logits.float().contiguous()
+    if mesh.tp > 1:
+        logits = mappings.gather_dim(logits, mesh.tp_group, -1)
+    logits = logits[:, :vocab_size]
     tokens, lps = sample_next(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                               generator=generator)
     if mesh.tp > 1 and not greedy:
@@ -245,6 +260,14 @@ def _share_step(step_out, sizes, mesh):
     if mesh.pp > 1:
         comm.broadcast(packed, mesh.pp_ranks[-1], mesh.pp_group)
     return packed[0].long().cpu(), packed[1].float().cpu()
+
+
+def single_device_mesh(device="cpu"):
+    """A (1, 1, 1) mesh without process groups, to generate with a plain single-device `Llama`:
+    generate([model], single_device_mesh(), prompts)."""
+    from ..parallel.mesh import ParallelMesh
+
+    return ParallelMesh(tp=1, pp=1, dp=1, rank=0, world_size=1, device=torch.device(device))
 
 
 # ---------------------------------------------------------------- reference decoding (tests, benchmarks)
