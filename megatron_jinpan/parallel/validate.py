@@ -4,6 +4,8 @@ Every problem is reported at once, each naming the key and the fix.
 """
 from __future__ import annotations
 
+import os
+
 from ..config import Config, ConfigError
 
 
@@ -62,7 +64,28 @@ def layout_problems(cfg: Config, world_size: int) -> list[str]:
     return problems
 
 
+def kernel_problems(cfg: Config) -> list[str]:
+    """kernels.*=triton where Triton cannot run: no GPU for this run and no TRITON_INTERPRET=1.
+    (Otherwise Triton itself fails deep inside the first kernel launch with '0 active drivers'.)"""
+    from .. import device as devices
+
+    keys = [k for k in ("attention", "norm", "rope", "swiglu") if getattr(cfg.kernels, k) == "triton"]
+    if not keys or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return []
+    device = cfg.train.device
+    if devices.accelerator_available() and (device == "auto" or devices.is_accelerator(device.split(":")[0])):
+        return []
+    why = (f"train.device={device} runs on the CPU" if devices.accelerator_available()
+           else "no GPU driver or device is visible on this machine")
+    return [f"kernels.{k}=triton needs a GPU, but {why}; set kernels.{k}="
+            f"{'sdpa' if k == 'attention' else 'torch'} (or auto), or export TRITON_INTERPRET=1 to run the "
+            f"Triton CPU interpreter (slow, for tests)" for k in keys]
+
+
 def validate_config(cfg: Config, world_size: int) -> None:
     problems = layout_problems(cfg, world_size)
     if problems:
         raise ConfigError("bad parallel layout: " + "; ".join(problems))
+    problems = kernel_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
