@@ -49,7 +49,8 @@ class TrainConfig:
     micro_batch: int = 1
     seq_len: int = 128
     seed: int = 1234
-    trainable: Literal["all", "embeddings", "new_embeddings"] = "all"
+    # lora: only the low-rank adapters of `lora.*` train (parallel/lora.py); the base stays frozen.
+    trainable: Literal["all", "embeddings", "new_embeddings", "lora"] = "all"
     recompute: Literal["none", "selective", "full"] = "none"
     dtype: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
@@ -120,6 +121,29 @@ class KernelsConfig:
     swiglu: Literal["auto", "torch", "triton"] = "auto"
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (train.trainable=lora): W x + (alpha/rank) * B A dropout(x) on each target."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Projections that get an adapter: any of q, k, v, o (attention) and gate, up, down (MLP).
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank={self.rank} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"lora.targets={self.targets!r}: list distinct names among {', '.join(LORA_TARGETS)}")
+
+
 @dataclass
 class RewardConfig:
     """Pairwise reward model (`jinpan reward`, posttrain/reward.py): loss -log sigmoid(r_c - r_r - margin)."""
@@ -173,6 +197,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     run_dir: str = "runs/default"
 
     def to_dict(self) -> dict:

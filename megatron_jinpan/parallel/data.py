@@ -55,12 +55,17 @@ _PAD_ELEMS = 64
 
 
 def apply_trainable(module: nn.Module, trainable: str) -> None:
-    """Set requires_grad per `train.trainable` (all | embeddings | new_embeddings)."""
-    if trainable not in ("all", "embeddings", "new_embeddings"):
-        raise ValueError(f"train.trainable={trainable!r}; choose all, embeddings or new_embeddings")
+    """Set requires_grad per `train.trainable` (all | embeddings | new_embeddings | lora)."""
+    if trainable not in ("all", "embeddings", "new_embeddings", "lora"):
+        raise ValueError(f"train.trainable={trainable!r}; choose all, embeddings, new_embeddings or lora")
     specs = param_specs(module)
     for name, param in module.named_parameters():
-        keep = trainable == "all" or specs[name].name in EMBEDDING_NAMES or name in EMBEDDING_NAMES
+        if trainable == "lora":
+            # The adapters, and a value head (reward model / critic), which starts untrained.
+            gname = specs[name].name
+            keep = gname.endswith((".lora_A.weight", ".lora_B.weight")) or gname == "score.weight"
+        else:
+            keep = trainable == "all" or specs[name].name in EMBEDDING_NAMES or name in EMBEDDING_NAMES
         param.requires_grad_(keep)
 
 
@@ -330,7 +335,8 @@ def finalize_model_grads(chunks, mesh) -> None:
 
     1. wait for the DP buckets (launching any left);
     2. sum gradients of sequence-parallel-replicated params (norm weights
-       under SP, `ParamSpec.sequence_parallel`) over TP — every TP rank of a
+       under SP, `ParamSpec.sequence_parallel`) and of LoRA's replicated
+       factors (`ParamSpec.tp_partial_grad`) over TP, in one all-reduce — every TP rank of a
        dp rank has the same buffer layout, so under zero=1 the owned slices
        line up and are summed in place;
     3. tied embeddings split across pipeline stages: sum the first stage's
@@ -346,7 +352,7 @@ def finalize_model_grads(chunks, mesh) -> None:
         for chunk in chunks:
             module = unwrap(chunk)
             for name, spec in param_specs(module).items():
-                if spec.sequence_parallel:
+                if spec.sequence_parallel or getattr(spec, "tp_partial_grad", False):
                     views += _reduced_grad_views(chunk, name, module.get_parameter(name))
         if views:
             flat = torch.cat([v.reshape(-1) for v in views])

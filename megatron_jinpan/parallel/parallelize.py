@@ -10,6 +10,7 @@
    independent initial value (seeded by name) and keeps its own slice, so
    all layouts start from identical weights;
 5. kernels and activation recompute;
+5b. with `train.trainable: lora`, wrap the target projections with LoRA adapters (lora.py);
 6. wrap each chunk for data-parallel gradient reduction (data.py).
 """
 from __future__ import annotations
@@ -35,6 +36,9 @@ class ParamSpec:
     # Replicated across TP but each rank sees only part of the sequence (SP):
     # its gradient is a partial sum that must be all-reduced over TP.
     sequence_parallel: bool = False
+    # Replicated across TP, but each rank computes only part of its gradient (the replicated factor
+    # of a LoRA adapter, parallel/lora.py): summed over TP like the SP norm weights.
+    tp_partial_grad: bool = False
 
     def local_slice(self, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
         """This rank's piece of the full (unpadded) tensor: pad, then split."""
@@ -90,6 +94,10 @@ def build_model(cfg, mesh) -> list[nn.Module]:
         materialize(chunk, cfg.train.seed, mesh)
         chunk.set_kernels(kernels)
         apply_recompute(chunk, cfg.train.recompute)
+        if cfg.train.trainable == "lora":
+            from .lora import apply_lora
+
+            apply_lora(chunk, cfg.lora, cfg.train.seed, mesh)
         chunks.append(chunk)
     return wrap_data_parallel(chunks, mesh, cfg)
 
