@@ -224,11 +224,11 @@ def build_sft_train_data(cfg) -> SFTTrainData:
     entries = _blend_entries(cfg)
     schedule = BlendSchedule([e[1] for e in entries], [e[2] for e in entries], cfg.data.blend_schedule,
                              t.global_batch)
-    sources = [_source(cfg, prefix, name, f"{key}.path", t.seed + 1000 * k, cfg.data.split, "train")
-               for k, (prefix, name, _, key) in enumerate(entries)]
-    if not any(isinstance(s, ChatSource) for s in sources):
+    if not any(is_chat_dataset(prefix) for prefix, *_ in entries):
         raise ConfigError("data.blend has no chat dataset (one made with `jinpan preprocess --format chat`); "
                           "SFT needs at least one — for text only use `jinpan pretrain`")
+    sources = [_source(cfg, prefix, name, f"{key}.path", t.seed + 1000 * k, cfg.data.split, "train")
+               for k, (prefix, name, _, key) in enumerate(entries)]
     return SFTTrainData(cfg, sources, schedule)
 
 

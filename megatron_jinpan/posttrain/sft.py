@@ -136,11 +136,11 @@ def check_sft_config(cfg) -> None:
     if cfg.train.eval_generate and cfg.train.eval_interval <= 0:
         raise ConfigError("train.eval_generate runs at each evaluation; set train.eval_interval > 0 "
                           "(e.g. train.eval_interval=50)")
+    if cfg.train.eval_generate:
+        _generation_examples(cfg)
     build_sft_train_data(cfg)
     if cfg.train.eval_interval > 0:
         build_sft_eval_data(cfg)
-    if cfg.train.eval_generate:
-        _generation_examples(cfg)
 
 
 def _generation_examples(cfg) -> tuple[list[GenerationExample], object]:
