@@ -34,12 +34,14 @@ loss_mask [R, S] (1 where the label is an answer token), and per pair / per sequ
                        sequence 2p is pair p's chosen side, 2p+1 its rejected side
     segment     [R, S] which sequence a label position's answer token belongs to (2P = none)
     margin [P], pair_weight [P] (0 for eval padding past the end of a held-out set)
+    pair_key [P], pair_set []   the pairs' positions in their PairData and its uid
 """
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,7 +316,7 @@ class _Seq:
 
 
 def collate_pairs(pairs: list, seq_len: int, pack: bool, rows: int | None = None,
-                  weights: list[float] | None = None) -> dict:
+                  weights: list[float] | None = None, keys: list[int] | None = None, set_uid: int = 0) -> dict:
     """One micro-batch from pairs [((c_ids, c_mask), (r_ids, r_mask), margin), ...].
 
     padded: 2 rows per pair. packed: `rows` rows, sequences placed first-fit (the caller checked they fit).
@@ -365,6 +367,9 @@ def collate_pairs(pairs: list, seq_len: int, pack: bool, rows: int | None = None
         "segment": torch.from_numpy(label_segment), "score_index": torch.from_numpy(score_index),
         "margin": torch.tensor([m for _, _, m in pairs], dtype=torch.float32),
         "pair_weight": torch.tensor(weights if weights is not None else [1.0] * len(pairs), dtype=torch.float32),
+        # Which pairs these are (position in their PairData, and its uid): precomputed reference log-probs.
+        "pair_key": torch.tensor(keys if keys is not None else [-1] * len(pairs), dtype=torch.int64),
+        "pair_set": torch.tensor(set_uid, dtype=torch.int64),
     }
     if pack:
         cu = [r * seq_len + s for r in range(n_rows) for s in (starts[r] or [0])] + [n_rows * seq_len]
@@ -412,6 +417,7 @@ class PairData:
     def __init__(self, cfg, stores: list[PairStore], ranges: list[tuple[int, int]], shuffle: bool, name: str):
         t = cfg.train
         self.cfg, self.name, self.shuffle = cfg, name, shuffle
+        self.uid = zlib.crc32(name.encode()) & 0x7FFFFFFF
         self.seq_len, self.pack = t.seq_len, bool(cfg.data.pack)
         self.stores = stores
         index, self.dropped = [], 0
@@ -474,7 +480,8 @@ class PairData:
                 else:  # held-out: in order, once; past the end repeats pair 0 with weight 0
                     picks = [p if p < n else 0 for p in pos]
                     weights = [1.0 if p < n else 0.0 for p in pos]
-                out.append(collate_pairs(self._load(picks), self.seq_len, False, weights=weights))
+                out.append(collate_pairs(self._load(picks), self.seq_len, False, weights=weights, keys=picks,
+                                         set_uid=self.uid))
             return out
         groups_per_step = gb // mb
         for j in range(per_rank // mb):
@@ -488,7 +495,7 @@ class PairData:
             else:
                 groups = self._groups(0)
                 picks = groups[g] if g < len(groups) else []
-            out.append(collate_pairs(self._load(picks), self.seq_len, True, rows=mb))
+            out.append(collate_pairs(self._load(picks), self.seq_len, True, rows=mb, keys=picks, set_uid=self.uid))
         return out
 
 
