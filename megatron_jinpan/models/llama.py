@@ -20,7 +20,6 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import LlamaConfig
-from .kv_cache import cached_attention
 
 
 class RMSNorm(nn.Module):
@@ -57,8 +56,7 @@ class Attention(nn.Module):
         q, k = ops.apply_rotary(q, k, cos, sin, self.rope_backend)
         if kv_cache is not None:
             # Incremental decoding (models/kv_cache.py): attend to every cached key of the sequence.
-            k, v = kv_cache.update(k, v)
-            out = cached_attention(q, k, v, kv_cache.mask)
+            out = kv_cache.attend(q, k, v)
         elif self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, cu_seqlens, use_reentrant=False)
         else:

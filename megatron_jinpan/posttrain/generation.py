@@ -96,10 +96,12 @@ def sample_next(logits: torch.Tensor, *, greedy: bool, temperature: float, top_k
 class _MicroBatch:
     rows: list[int]                    # indices into the replica's prompts
     tokens: torch.Tensor               # [b, P] left-padded prompt, then [b, 1] per step
-    valid: torch.Tensor                # [b, s] False on padding
+    valid: torch.Tensor | None         # [b, s] False on padding; None: no padding
     positions: torch.Tensor            # [b, s]
     caches: list[KVCache]              # one per local chunk
-    finished: torch.Tensor             # [b] bool
+    finished: torch.Tensor             # [b] bool (CPU)
+    new_tokens: list                   # per step: [b] ids (CPU), finished rows included
+    new_logprobs: list                 # per step: [b] log-probs (CPU)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,12 +182,10 @@ def generate(chunks, mesh, prompts: list[list[int]], *, max_new_tokens: int = 64
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         rows = list(range(lo, hi))
         tokens, valid, positions = left_pad([prompts[r] for r in rows], eos_id if eos_id is not None else 0, device)
+        padded = len({len(prompts[r]) for r in rows}) > 1
         caches = [KVCache(len(rows), tokens.shape[1] + max_new_tokens, device) for _ in modules]
-        mbs.append(_MicroBatch(rows, tokens, valid, positions, caches, torch.zeros(len(rows), dtype=torch.bool)))
-
-    responses: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[float]] = [[] for _ in range(n)]
-    finished = [False] * n
+        mbs.append(_MicroBatch(rows, tokens, valid if padded else None, positions, caches,
+                               torch.zeros(len(rows), dtype=torch.bool), [], []))
     prev_rank = mesh.pp_ranks[(rank - 1) % pp] if pp > 1 else None
     next_rank = mesh.pp_ranks[(rank + 1) % pp] if pp > 1 else None
     hidden = cfg.hidden_size
@@ -204,7 +204,7 @@ def generate(chunks, mesh, prompts: list[list[int]], *, max_new_tokens: int = 64
                     if stage > 0:
                         x = torch.empty((len(mb.rows), mb.tokens.shape[1], hidden), dtype=torch.float32, device=device)
                         comm.wait_all(comm.batch_isend_irecv([("recv", x, prev_rank)], group=mesh.pp_group))
-                    mb.caches[v].begin(mb.valid)
+                    mb.caches[v].begin(mb.valid, mb.tokens.shape[1])
                     with autocast():
                         out = chunk(x, position_ids=mb.positions, kv_cache=mb.caches[v])
                     if stage < num_stages - 1:
@@ -221,18 +221,29 @@ def generate(chunks, mesh, prompts: list[list[int]], *, max_new_tokens: int = 64
                 b = len(mb.rows)
                 tok, lp = new_tokens[offset:offset + b], new_logprobs[offset:offset + b]
                 offset += b
-                for j, r in enumerate(mb.rows):
-                    if not bool(mb.finished[j]):
-                        responses[r].append(int(tok[j]))
-                        logprobs[r].append(float(lp[j]))
-                        if eos_id is not None and int(tok[j]) == eos_id:
-                            finished[r] = True
-                mb.finished |= torch.tensor([finished[r] for r in mb.rows])
+                mb.new_tokens.append(tok)
+                mb.new_logprobs.append(lp)
+                if eos_id is not None:
+                    mb.finished |= tok == eos_id
                 # The next step feeds the new token of every row (finished rows too: their output is ignored).
                 mb.positions = mb.positions[:, -1:] + 1
                 mb.tokens = tok.to(device=device, dtype=torch.long)[:, None]
-                mb.valid = torch.ones_like(mb.tokens, dtype=torch.bool)
-    return GenerationOutput(responses, logprobs, finished)
+                mb.valid = None
+    return _collect(mbs, n, eos_id)
+
+
+def _collect(mbs, n: int, eos_id) -> GenerationOutput:
+    """Each row's tokens up to and including its first EOS."""
+    out = GenerationOutput([[] for _ in range(n)], [[] for _ in range(n)], [False] * n)
+    for mb in mbs:
+        tokens = torch.stack(mb.new_tokens, dim=1).tolist()
+        logprobs = torch.stack(mb.new_logprobs, dim=1).tolist()
+        for j, r in enumerate(mb.rows):
+            ids = tokens[j]
+            done = eos_id is not None and eos_id in ids
+            end = ids.index(eos_id) + 1 if done else len(ids)
+            out.responses[r], out.logprobs[r], out.finished[r] = ids[:end], logprobs[j][:end], done
+    return out
 
 
 def _sample(last_logits, vocab_size, mesh, greedy, temperature, top_k, top_p, generator):

@@ -1,0 +1,131 @@
+"""Generation speed: our KV-cache generator vs Hugging Face `generate` and vs our own no-cache decoding.
+
+    python benchmarks/generation.py                    # CPU: tiny model -> benchmarks/results/generation_cpu.csv
+    python benchmarks/generation.py --model small --dtype bf16 --batch 8 --new-tokens 256   # GPU
+
+The same weights run three ways, one process, greedy, no early stop (EOS off),
+same batch, prompt length and number of new tokens:
+  ours      posttrain/generation.generate (KV cache, the code PPO rollouts use)
+  hf        transformers LlamaForCausalLM.generate (its own KV cache, SDPA attention)
+  no_cache  our model re-run on the whole sequence for every new token
+Rows report new tokens per second (batch * new tokens / wall time, prefill
+included), the ratios ours/hf and ours/no_cache, and whether ours and hf
+produced the same tokens. Goals: >= 1.0x hf on CPU, and >= 5x no_cache at
+256 new tokens. Each timing is the best of --repeats runs after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from megatron_jinpan import device as devices  # noqa: E402
+from megatron_jinpan.models import Llama, get_model_config, init_weights  # noqa: E402
+from megatron_jinpan.perf.metadata import run_metadata  # noqa: E402
+from megatron_jinpan.posttrain.generation import generate, single_device_mesh  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny", help="registry name (debug, tiny, small, llama-7b, ...)")
+    p.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", default="64,256", help="comma list of new-token counts")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-cache-max", type=int, default=256, help="skip no_cache above this many new tokens")
+    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/generation_<device>.csv)")
+    return p.parse_args(argv)
+
+
+def hf_model_from(model: Llama, dtype):
+    """transformers' LlamaForCausalLM with our model's weights (our names are HF's minus `model.`)."""
+    import transformers
+
+    from megatron_jinpan.checkpoint.hf import config_to_hf, hf_name
+
+    hf_cfg = config_to_hf(model.cfg, dtype)
+    config = transformers.LlamaConfig(**{k: v for k, v in hf_cfg.items() if k not in ("architectures",)})
+    config._attn_implementation = "sdpa"
+    hf = transformers.LlamaForCausalLM(config).to(dtype)
+    state = {hf_name(k): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if [m for m in missing if not m.endswith("rotary_emb.inv_freq")] or unexpected:
+        raise RuntimeError(f"weight names do not map: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return hf.to(next(model.parameters()).device).eval()
+
+
+@torch.no_grad()
+def no_cache_decode(model, tokens: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    for _ in range(new_tokens):
+        logits = model(tokens)[:, -1, : model.cfg.vocab_size]
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens
+
+
+def best_time(fn, repeats: int, device) -> tuple[float, object]:
+    result = fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        devices.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        devices.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = devices.resolve_device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    cfg = get_model_config(args.model)
+    model = init_weights(Llama(cfg), seed=0).to(device=device, dtype=dtype).eval()
+    hf = hf_model_from(model, dtype)
+    mesh = single_device_mesh(device)
+    meta = run_metadata(device)
+    rows = []
+    for batch in [int(x) for x in args.batch.split(",")]:
+        for new in [int(x) for x in args.new_tokens.split(",")]:
+            prompts = torch.randint(3, cfg.vocab_size, (batch, args.prompt_len),
+                                    generator=torch.Generator().manual_seed(batch)).to(device)
+            ours_t, ours = best_time(lambda: generate([model], mesh, prompts.tolist(), max_new_tokens=new,
+                                                      eos_id=None), args.repeats, device)
+            hf_t, hf_out = best_time(lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                                         max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                                         eos_token_id=None, pad_token_id=0), args.repeats, device)
+            same = ours.responses == hf_out[:, args.prompt_len:].tolist()
+            nc_t = None
+            if new <= args.no_cache_max:
+                nc_t, _ = best_time(lambda: no_cache_decode(model, prompts, new), 1, device)
+            tokens = batch * new
+            row = {"model": args.model, "dtype": args.dtype, "batch": batch, "prompt_len": args.prompt_len,
+                   "new_tokens": new, "ours_tok_s": round(tokens / ours_t, 1), "hf_tok_s": round(tokens / hf_t, 1),
+                   "no_cache_tok_s": round(tokens / nc_t, 1) if nc_t else "",
+                   "ours_vs_hf": round(hf_t / ours_t, 2), "ours_vs_no_cache": round(nc_t / ours_t, 2) if nc_t else "",
+                   "same_tokens_as_hf": same, "threads": torch.get_num_threads(),
+                   "load_avg_1m": round(os.getloadavg()[0], 2), **meta}
+            rows.append(row)
+            print({k: row[k] for k in ("batch", "new_tokens", "ours_tok_s", "hf_tok_s", "no_cache_tok_s",
+                                       "ours_vs_hf", "ours_vs_no_cache", "same_tokens_as_hf")}, flush=True)
+    tag = "cpu" if device.type == "cpu" else devices.device_name(device).replace(" ", "_").lower()
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"generation_{tag}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
