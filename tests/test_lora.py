@@ -5,8 +5,13 @@
 Equivalence: the same LoRA run under (tp, pp, dp) = (2, 2, 2) with SP and ZeRO-1 gives the single
 process's losses and adapters (fp32); the frozen base stays bit-identical to its initial value; B
 starts at zero so step 0 is the base model; dropout masks are the same under TP as on one process.
+Checkpoints: adapters only (+ optimizer), saved under (tp=2, SP, ZeRO-1) on our base checkpoint and
+resumed under (pp=2, dp=2) on the same base converted to HF, continuing the single-process run;
+`lora-merge` == unmerged (1e-5), and the PEFT export on transformers gives the same logits.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,10 +91,109 @@ def test_lora_3d_sp_zero1_matches_single_process(reference, tmp_path):
             assert torch.equal(run["params"][name], value), name
 
 
-def test_lora_dropout_masks_match_under_tp(tmp_path):
-    drop = LORA + ["lora.dropout=0.2", "train.steps=2"]
+def test_lora_dropout_masks_match_under_tp(reference, tmp_path):
+    drop = LORA + ["lora.dropout=0.2"]
     ref = run_layout(drop, 1, tmp_path / "one")
     out = run_layout(drop + ["parallel.tp=2", "parallel.sp=true"], 2, tmp_path / "tp")
     assert_same_training(ref, out)
-    no_drop = run_layout(LORA + ["train.steps=2"], 1, tmp_path / "nodrop")
-    assert ref["losses"][1] != pytest.approx(no_drop["losses"][1], rel=1e-6)  # dropout did act
+    assert ref["losses"][1] != pytest.approx(reference["losses"][1], rel=1e-6)  # dropout did act
+
+
+# ---------------------------------------------------------------- checkpoints, merge, PEFT
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """The seeded initial model (what the reference run trains on) as our checkpoint and as an HF dir."""
+    from megatron_jinpan.checkpoint.convert import mj_to_hf, write_weights_checkpoint
+
+    root = tmp_path_factory.mktemp("lora_base")
+    cfg = load_config(None, ["model.name=debug"])
+    state = _base_init()
+    ours = write_weights_checkpoint(root / "base", cfg.model, {k: (tuple(v.shape), v.dtype) for k, v in state.items()},
+                                    lambda k: state[k], progress=False)
+    return {"ours": ours, "hf": mj_to_hf(ours, root / "base_hf", progress=False), "state": state}
+
+
+@pytest.fixture(scope="module")
+def lora_run(bases, tmp_path_factory):
+    """Steps 1-2 under (tp=2, SP, ZeRO-1) on our base checkpoint; step 3 resumed under (pp=2, dp=2) on the HF base."""
+    run_dir = tmp_path_factory.mktemp("lora_ckpt") / "run"
+    first = run_layout(LORA + [f"checkpoint.load={bases['ours']}", "checkpoint.interval=2", f"run_dir={run_dir}",
+                               "parallel.tp=2", "parallel.sp=true", "parallel.zero=1"], 2, run_dir.parent)
+    step2 = run_dir / "checkpoints" / "step_0000002"
+    resumed = run_layout(LORA + [f"checkpoint.resume={step2}", f"checkpoint.load={bases['hf']}", f"run_dir={run_dir}2",
+                                 "checkpoint.save_on_exit=true",
+                                 "parallel.pp=2", "parallel.zero=1"], 4, run_dir.parent)
+    return {"first": first, "resumed": resumed, "step2": step2, "final": Path(f"{run_dir}2")}
+
+
+def test_adapters_only_checkpoint_resumes_on_another_layout(reference, bases, lora_run):
+    from megatron_jinpan.checkpoint import format as fmt
+
+    first, resumed = lora_run["first"], lora_run["resumed"]
+    torch.testing.assert_close(torch.tensor(first["losses"][:2]), torch.tensor(reference["losses"][:2]),
+                               rtol=1e-5, atol=1e-6)
+    assert len(resumed["losses"]) == 1  # only step 3 ran
+    torch.testing.assert_close(resumed["losses"][0], reference["losses"][2], rtol=1e-5, atol=1e-6)
+    for name, value in reference["params"].items():
+        torch.testing.assert_close(resumed["params"][name], value, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    step2 = lora_run["step2"]
+    meta = fmt.read_meta(step2)
+    assert meta["adapters_only"] and meta["base"] == str(bases["ours"].resolve()) and meta["lora"]["rank"] == 4
+    keys = fmt.tensor_metadata(step2)
+    model_keys = {k[len("model."):] for k in keys if k.startswith("model.")}
+    assert model_keys and all(is_lora_name(k) for k in model_keys)
+    assert {k for k in keys if k.startswith("optim.")} == {f"optim.{n}.{s}" for n in model_keys
+                                                         for s in ("exp_avg", "exp_avg_sq")}
+
+
+def _unmerged_model(state, lora_ckpt):
+    """Single-device LoRA model: the base + apply_lora + the checkpoint's adapters (not merged)."""
+    from megatron_jinpan.checkpoint.lora import read_adapters
+
+    _, _, model_cfg, lora_cfg, adapters = read_adapters(lora_ckpt)
+    model = Llama(model_cfg)
+    model.load_state_dict(state)
+    apply_lora(model, lora_cfg, seed=0)
+    missing = model.load_state_dict(adapters, strict=False).missing_keys
+    assert not [k for k in missing if is_lora_name(k)]
+    return model.eval()
+
+
+def test_lora_merge_equals_unmerged(bases, lora_run, tmp_path):
+    from megatron_jinpan import load_model
+    from megatron_jinpan.checkpoint import format as fmt
+    from megatron_jinpan.checkpoint.convert import mj_to_hf
+    from megatron_jinpan.cli import main
+
+    ckpt = lora_run["final"] / "checkpoints" / "step_0000003"
+    assert fmt.read_meta(ckpt)["base"] == str(bases["hf"].resolve())  # resumed on the HF base: recorded
+    unmerged = _unmerged_model(bases["state"], ckpt)
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = unmerged(tokens)
+        assert not torch.allclose(expected, Llama(unmerged.cfg).eval().requires_grad_(False)(tokens))
+        assert main(["convert", "lora-merge", "--input", str(lora_run["final"]), "--output", str(tmp_path / "m"),
+                     "--no-progress"]) == 0
+        merged = load_model(tmp_path / "m")
+        torch.testing.assert_close(merged(tokens), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load_model(ckpt)(tokens), expected, rtol=1e-5, atol=1e-5)  # merged on load
+        base_logits = load_model(bases["ours"])(tokens)
+        assert (merged(tokens) - base_logits).abs().max() > 1e-4  # the adapters changed the model
+    assert (mj_to_hf(tmp_path / "m", tmp_path / "m_hf", progress=False) / "config.json").is_file()
+
+
+def test_peft_export_matches_transformers_peft(bases, lora_run, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from megatron_jinpan.cli import main
+
+    ckpt = lora_run["final"] / "checkpoints" / "step_0000003"
+    assert main(["convert", "mj-to-hf", "--lora", "--input", str(ckpt), "--output", str(tmp_path / "adapter")]) == 0
+    hf = LlamaForCausalLM.from_pretrained(str(bases["hf"]), torch_dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = _unmerged_model(bases["state"], ckpt)(tokens)
+        got = peft_model(input_ids=tokens).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

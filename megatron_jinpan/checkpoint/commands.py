@@ -3,6 +3,8 @@
     jinpan convert hf-to-mj   --input HF_DIR   --output CKPT_DIR [--tp N --pp N]
     jinpan convert mj-to-hf   --input CKPT_DIR --output HF_DIR [--max-shard-size 5GB] [--task causal-lm|reward]
     jinpan convert meta-to-mj --input META_DIR --output CKPT_DIR
+    jinpan convert lora-merge --input LORA_CKPT --output CKPT_DIR [--base BASE]   # adapters folded into the base
+    jinpan convert mj-to-hf --lora --input LORA_CKPT --output ADAPTER_DIR          # PEFT adapter directory
     jinpan convert resize     --input CKPT_OR_HF --output CKPT_DIR --tokenizer NEW.model
                               [--base-tokenizer OLD.model --init subtokens] [--vocab-size N] [--hf-output]
     jinpan generate --checkpoint CKPT_OR_HF (--prompt "..." | --input X.jsonl [--output Y.jsonl])
@@ -19,6 +21,17 @@ def cmd_convert(args) -> int:
     from .resize import resize_vocab
 
     progress = not args.no_progress
+    if args.direction == "lora-merge" or getattr(args, "lora", False):
+        from .lora import export_peft, lora_merge
+
+        if args.direction == "lora-merge":
+            out = lora_merge(args.input, args.output, base=args.base, overwrite=args.overwrite, progress=progress)
+        elif args.direction == "mj-to-hf":
+            out = export_peft(args.input, args.output, base=args.base, overwrite=args.overwrite)
+        else:
+            raise ValueError("--lora goes with mj-to-hf (PEFT adapter export); use lora-merge to fold adapters in")
+        print(f"wrote {out}")
+        return 0
     if args.direction == "resize":
         if not args.tokenizer:
             raise ValueError("convert resize needs --tokenizer NEW.model (the extended tokenizer)")
@@ -69,7 +82,7 @@ def cmd_generate(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert checkpoints: hf-to-mj, mj-to-hf, meta-to-mj, resize")
-    p.add_argument("direction", choices=["hf-to-mj", "mj-to-hf", "meta-to-mj", "resize"])
+    p.add_argument("direction", choices=["hf-to-mj", "mj-to-hf", "meta-to-mj", "resize", "lora-merge"])
     p.add_argument("--input", required=True, help="source directory")
     p.add_argument("--output", required=True, help="new output directory (never overwritten unless --overwrite)")
     p.add_argument("--tp", type=int, default=None, help="hf-to-mj: check divisibility for this tensor-parallel size")
@@ -84,6 +97,10 @@ def register(subparsers) -> None:
     p.add_argument("--task", default=None, choices=["causal-lm", "reward"],
                    help="hf-to-mj / mj-to-hf: the model kind expected (reward = LlamaForSequenceClassification "
                    "with a value head); default: whatever the input is")
+    p.add_argument("--lora", action="store_true", help="mj-to-hf: write the LoRA adapters of a train.trainable=lora "
+                   "checkpoint as a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--base", default=None, help="lora-merge, mj-to-hf --lora: the base the adapters sit on "
+                   "(default: the checkpoint.load recorded at training time)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)

@@ -56,9 +56,13 @@ def read_model_state(path, names: list[str] | None = None, verify: bool = True):
 
 
 def load_model(path, dtype=None, device=None):
-    """A single-device Llama (eval mode) with the weights of `path`."""
+    """A single-device Llama (eval mode) with the weights of `path` (a LoRA checkpoint: its base + adapters merged)."""
     from ..models import Llama
 
+    if is_adapter_checkpoint(path):
+        from .lora import load_lora_model
+
+        return load_lora_model(path, dtype=dtype, device=device)
     cfg, state = read_model_state(path)
     with torch.device("meta"):
         model = Llama(cfg)
@@ -70,6 +74,12 @@ def load_model(path, dtype=None, device=None):
         for name, param in model.named_parameters():
             param.copy_(state.pop(name))
     return model.eval()
+
+
+def is_adapter_checkpoint(path) -> bool:
+    """True for the checkpoint of a train.trainable=lora run (adapters only, base recorded in meta.json)."""
+    kind, p = resolve_source(path)
+    return kind == "ours" and bool(fmt.read_meta(p).get("adapters_only"))
 
 
 def model_config_of(path):
@@ -110,6 +120,13 @@ def load_parallel_model(path, mesh, cfg=None, **model_overrides):
     cfg.parallel.tp, cfg.parallel.pp = mesh.tp, mesh.pp
     if mesh.pp == 1:
         cfg.parallel.virtual_stages = 1
+    if is_adapter_checkpoint(path):  # LoRA: build the adapters; loading puts the recorded base under them
+        from ..config import LoRAConfig
+
+        meta = fmt.read_meta(fmt.resolve_checkpoint(path))
+        cfg.train.trainable, cfg.lora = "lora", LoRAConfig(**meta["lora"])
+        cfg.train.seed = int(meta.get("lora_base_seed", cfg.train.seed))
+        cfg.checkpoint.load = None
     chunks = build_model(cfg, mesh)
     CheckpointManager(cfg, mesh).load_weights(path, chunks, None)
     for chunk in chunks:

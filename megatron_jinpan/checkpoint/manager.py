@@ -20,6 +20,12 @@ under one (tp, pp, dp, zero) loads under any other:
 
 Optimizer states come from `optimizer.state_dict()` (shaped like the local
 parameter, ZeRO shards already gathered) and are resharded the same way.
+With `train.trainable: lora` a checkpoint holds only the adapters (and their
+optimizer state) plus `adapters_only`, `base` (the `checkpoint.load` they were
+trained on; null = the seeded random init of `train.seed`) and `lora` in
+meta.json; loading one first loads that base (or `checkpoint.load` if set),
+then the adapters, on any layout.
+
 The step, consumed samples and tokens are in meta.json (the data position and
 LR are pure functions of the step); RNG states are saved per global rank and
 restored only under the same layout (else reseeded from (seed, step)).
@@ -90,6 +96,9 @@ class CheckpointManager:
         self._stop = False            # agreed by every rank
         self._stopping = False
         self._prev_handlers: dict = {}
+        # LoRA: checkpoints hold the trainable adapters only, and name the base they sit on.
+        self.adapters_only = cfg.train.trainable == "lora"
+        self.base = None  # set by load_weights (the checkpoint.load actually loaded)
 
     # ------------------------------------------------------------------ resume / load
     def resume(self, chunks, optimizer):
@@ -172,7 +181,13 @@ class CheckpointManager:
             raise CheckpointError(f"{path} holds weights only (kind={meta.get('kind')}); to start training from it "
                                   f"set checkpoint.load={path} (fresh optimizer) instead of checkpoint.resume")
         self._check_model(path, meta)
-        self._load_tensors(path, chunks, optimizer if with_optimizer else None, meta)
+        adapters = bool(meta.get("adapters_only"))
+        if adapters:
+            if not self.adapters_only:
+                raise CheckpointError(f"{path} holds LoRA adapters only; train on it with train.trainable=lora, or "
+                                      "fold them into the base first (jinpan convert lora-merge)")
+            self._load_lora_base(path, meta, chunks, resuming=with_optimizer)
+        self._load_tensors(path, chunks, optimizer if with_optimizer else None, meta, adapters=adapters)
         if not with_optimizer:
             return None
         ts = meta["train_state"]
@@ -183,6 +198,22 @@ class CheckpointManager:
                         f"(saved under tp={meta['layout']['tp']} pp={meta['layout']['pp']} dp={meta['layout']['dp']})")
         return state
 
+    def _load_lora_base(self, path: Path, meta: dict, chunks, resuming: bool) -> None:
+        """The base weights under an adapters-only checkpoint: the recorded base, or on resume checkpoint.load
+        if set (a base that moved)."""
+        recorded = meta.get("base")
+        base = (self.cfg.checkpoint.load if resuming else None) or recorded
+        if self.cfg.checkpoint.load and recorded and Path(recorded).resolve() != Path(base).resolve():
+            _log(self.mesh, f"note: {path} was trained on {recorded}; loading its adapters on checkpoint.load={base}")
+        if base:
+            self.load_weights(base, chunks, None)
+            return
+        seed = (meta.get("lora_base_seed") if "lora_base_seed" in meta else self.cfg.train.seed)
+        if int(seed) != int(self.cfg.train.seed):
+            raise CheckpointError(f"{path} holds adapters trained on the seeded random base of train.seed={seed}; "
+                                  f"set train.seed={seed} (or checkpoint.load=BASE) to rebuild that base")
+        self.base = None
+
     def load_weights(self, source, chunks, optimizer) -> None:
         """checkpoint.load: initial weights from one of our checkpoints or an HF dir; the optimizer starts fresh."""
         from .load import resolve_source
@@ -190,8 +221,10 @@ class CheckpointManager:
         kind, path = resolve_source(source)
         if kind == "hf":
             self._load_hf(path, chunks)
+            self.base = str(path.resolve())
         else:
-            self.load(path, chunks, None, with_optimizer=False)
+            self.base = str(path.resolve())
+            self.load(path, chunks, None, with_optimizer=False)  # an adapters-only source sets its own base
         if optimizer is not None:  # ZeRO-1 master shards must see the new weights
             if hasattr(optimizer, "reload_model_params"):
                 optimizer.reload_model_params()
@@ -199,23 +232,31 @@ class CheckpointManager:
                 optimizer.load_state_dict(optimizer.state_dict())
         _log(self.mesh, f"initial weights from {path}")
 
-    def _targets(self, chunks):
-        """(stored model key, local param, spec) for every parameter of this rank."""
+    def _targets(self, chunks, adapters: bool | None = None):
+        """(stored model key, local param, spec) for every parameter of this rank.
+
+        adapters=True: only what an adapters-only (LoRA) checkpoint stores; False: all but the adapters
+        (loading a base); None: everything."""
+        from ..parallel.lora import in_adapter_checkpoint
+
         out = []
         for chunk in chunks:
             module = unwrap(chunk)
             tied = bool(module.cfg.tie_embeddings)
             for name, spec in param_specs(module).items():
+                if adapters is not None and in_adapter_checkpoint(spec.name) != adapters:
+                    continue
                 out.append((fmt.MODEL_PREFIX + _stored_name(spec.name, tied), module.get_parameter(name), spec))
         return out
 
     @torch.no_grad()
-    def _load_tensors(self, path: Path, chunks, optimizer, meta: dict) -> None:
+    def _load_tensors(self, path: Path, chunks, optimizer, meta: dict, adapters: bool = False) -> None:
         import torch.distributed.checkpoint as dcp
 
         tensors = fmt.tensor_metadata(path)
         tied = bool(self.cfg.model.tie_embeddings)
-        model_targets = self._targets(chunks)
+        # An adapters-only checkpoint fills the adapters; a full one everything else (adapters keep their init).
+        model_targets = self._targets(chunks, adapters=True if adapters else (False if self.adapters_only else None))
         specs_by_global = {spec.name: (param, spec) for _, param, spec in model_targets}
         optim_targets = []  # (stored key, global name, state key, local param, spec)
         template = None
@@ -289,7 +330,7 @@ class CheckpointManager:
         _agree(self.mesh, problems, f"checkpoint.load={path} does not fit the configured model: ")
         try:
             keys = reader.our_keys()
-            for key, param, spec in self._targets(chunks):
+            for key, param, spec in self._targets(chunks, adapters=False if self.adapters_only else None):
                 name = key[len(fmt.MODEL_PREFIX):]
                 if name == "score.weight" and name not in keys:
                     _log(self.mesh, f"{path} has no value head: score.weight starts from its seeded init")
@@ -374,7 +415,7 @@ class CheckpointManager:
         tied = bool(self.cfg.model.tie_embeddings)
         entries = []  # (key, local tensor, spec)
         by_global = {}
-        for key, param, spec in self._targets(chunks):
+        for key, param, spec in self._targets(chunks, adapters=True if self.adapters_only else None):
             by_global[spec.name] = (param, spec)
             if tied and spec.name == "lm_head.weight":
                 continue  # stored once, as the embedding
@@ -436,6 +477,11 @@ class CheckpointManager:
             meta = fmt.base_meta(self.cfg.model, "train", train_state=state.to_dict(), layout=self._layout(),
                                  optimizer=opt_meta, trainable=self.cfg.train.trainable,
                                  tokenizer_path=self.cfg.data.tokenizer)
+            if self.adapters_only:
+                import dataclasses
+
+                meta.update(adapters_only=True, base=self.base, lora=dataclasses.asdict(self.cfg.lora),
+                            lora_base_seed=int(self.cfg.train.seed))
             fmt.write_json_atomic(tmp / fmt.META, meta)
             fmt.write_json_atomic(tmp / "model_config.json", meta["model"])
             self.cfg.save(tmp / "config.yaml")

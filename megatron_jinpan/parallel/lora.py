@@ -250,3 +250,9 @@ def local_adapter_numels(model_cfg, lora_cfg, layers, tp: int = 1) -> list[tuple
 
 def count_adapter_params(model_cfg, lora_cfg) -> int:
     return sum(r * c for r, c in adapter_shapes(model_cfg, lora_cfg).values())
+
+
+def in_adapter_checkpoint(name: str) -> bool:
+    """Whether a parameter is stored in an adapters-only checkpoint: the adapters and a value head
+    (a reward model's / critic's `score.weight`, trained along with them)."""
+    return is_lora_name(name) or name == "score.weight"
