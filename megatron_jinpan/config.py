@@ -185,6 +185,47 @@ class SFTConfig:
 
 
 @dataclass
+class PPOConfig:
+    """PPO / GRPO (`jinpan ppo`, posttrain/ppo.py); defaults as the public trainers use them. docs/ppo.md."""
+
+    prompts: str | None = None         # JSONL: {"prompt": str} or a conversation per line
+    template: str | None = "plain"     # chat template for the prompts; None = raw text after BOS
+    # Roles (checkpoints or HF dirs). actor: None = checkpoint.load; reference: None = the initial actor;
+    # critic: None = reward_model, else the initial actor (+ a fresh value head).
+    actor: str | None = None
+    reference: str | None = None
+    critic: str | None = None
+    reward_model: str | None = None    # frozen pairwise reward model (model.head=value)
+    reward_fn: str | None = None       # "module:function(prompts, responses) -> list[float]" (rule reward)
+    reward_model_weight: float = 1.0
+    reward_fn_weight: float = 1.0
+    reward_normalize: bool = True      # centre/scale RM scores with the RM's recorded mean/std
+    reward_clip: float = 0.0           # clip scores to [-c, c] (0 = off)
+    missing_eos_penalty: float = 0.0   # subtracted from the score of responses without EOS
+    rollout_batch: int = 8             # prompts per PPO step (global)
+    n_samples: int = 1                 # responses per prompt (GRPO groups)
+    mini_batch: int = 8                # sequences per optimizer step (global)
+    epochs: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    advantage: Literal["gae", "grpo"] = "gae"
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    critic_lr: float | None = None     # None = optim.lr
+
+
+@dataclass
 class Config:
     model: LlamaConfig = field(default_factory=lambda: get_model_config("debug"))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -198,6 +239,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     run_dir: str = "runs/default"
 
     def to_dict(self) -> dict:
