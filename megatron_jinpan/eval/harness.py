@@ -104,7 +104,7 @@ def mcq_report(results: dict, output_path, opts: dict, name: str = "mcq") -> lis
             "limit": opts.get("limit"), "rows": rows}
     write_report(output_path, name, data, rows, cols, title=f"Multiple choice: {opts.get('checkpoint')}",
                  notes=[f"num_fewshot={opts.get('num_fewshot')}, limit={opts.get('limit')}, "
-                        f"acc / acc_norm are lm-eval's definitions (acc_norm: log-likelihood per byte of the option)"])
+                        f"acc and acc_norm are lm-eval's definitions (acc_norm: arg-max of log-likelihood divided by the option's length in characters)"])
     return rows
 
 
