@@ -195,7 +195,8 @@ def _done(prefix: Path) -> bool:
 
 
 def build_demo(output: str, *, docs_per_domain: int = 4000, valid_docs: int = 300, seed: int = 1234,
-               vocab_size: int = 8000, workers: int = 2, extension: bool = True, log=print) -> dict:
+               vocab_size: int = 8000, workers: int = 2, extension: bool = True, sft: bool = True,
+               log=print) -> dict:
     """Create the demo data under `output` (idempotent); returns the paths."""
     from .preprocess import preprocess
     from .tokenizer import extend_tokenizer, is_cjk, train_tokenizer
@@ -261,4 +262,8 @@ def build_demo(output: str, *, docs_per_domain: int = 4000, valid_docs: int = 30
                     log(f"wrote {prefix}.bin/.idx")
     paths["train"] = {d: str(out / f"{d}_text_document") for d in DOMAINS}
     paths["valid"] = {d: str(out / f"{d}_valid_text_document") for d in DOMAINS}
+    if sft:  # the instruction sets of the SFT recipe (data/demo_sft.py)
+        from .demo_sft import build_sft_demo
+
+        paths["sft"] = build_sft_demo(out, tok, seed, workers=workers, log=log)
     return paths
