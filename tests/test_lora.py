@@ -197,3 +197,31 @@ def test_peft_export_matches_transformers_peft(bases, lora_run, tmp_path):
         expected = _unmerged_model(bases["state"], ckpt)(tokens)
         got = peft_model(input_ids=tokens).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- memory estimator
+def test_memory_estimate_counts_lora_states(monkeypatch):
+    from megatron_jinpan.parallel.mesh import ParallelMesh
+    from megatron_jinpan.parallel.optimizer import build_optimizer
+    from megatron_jinpan.parallel.parallelize import build_model
+    from megatron_jinpan.perf.memory import estimate_memory, lora_summary, measure_model_state_bytes
+
+    for key in ("MASTER_ADDR", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = load_config(None, ["model.name=debug", "train.trainable=lora", "lora.rank=4", "lora.targets=[q,o,up]",
+                             "train.device=cpu"])
+    mesh = ParallelMesh.create(1, 1, torch.device("cpu"))
+    try:
+        chunks = build_model(cfg, mesh)
+        optimizer = build_optimizer(chunks, cfg, mesh)
+        measured = measure_model_state_bytes(chunks, optimizer)
+        trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    finally:
+        mesh.destroy()
+    est = estimate_memory(cfg, 1)
+    assert est.params == pytest.approx(measured["params"], rel=1e-3)
+    assert est.grads == pytest.approx(measured["grads"], rel=1e-3)
+    assert est.optimizer == pytest.approx(measured["optimizer"], rel=1e-3)
+    summary = lora_summary(cfg.model, cfg.lora)
+    assert summary["trainable_params"] == trainable
+    assert summary["optimizer_bytes"] == 8 * trainable < summary["full_ft_optimizer_bytes"]

@@ -349,8 +349,10 @@ class CheckpointManager:
         f = path / "rng" / f"rank_{self.mesh.rank:05d}.pt"
         if same and f.is_file():
             devices.set_rng_state(torch.load(str(f), weights_only=True), self.mesh.device)
-        else:  # a different layout: reseed deterministically from (seed, step, rank)
-            devices.manual_seed_all(int(self.cfg.train.seed) * 1_000_003 + step * 8191 + self.mesh.rank)
+        else:  # a different layout: reseed deterministically from (seed, step, dp and pp rank) -- the same on
+            # every TP rank, as at the start of a run, so dropout masks (LoRA) stay equal across a TP group
+            rank = self.mesh.pp_rank * self.mesh.dp + self.mesh.dp_rank
+            devices.manual_seed_all(int(self.cfg.train.seed) * 1_000_003 + step * 8191 + rank)
 
     def _layout(self) -> dict:
         p = self.cfg.parallel

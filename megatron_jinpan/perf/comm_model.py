@@ -155,8 +155,10 @@ def p2p_link(stride: int, cluster: Cluster) -> Link:
 
 # ====================================================================== closed-form volumes
 def chunk_param_numels(m, tp: int = 1, pp: int = 1, pp_rank: int = 0, virtual_stages: int = 1,
-                       pp_layers=None, trainable: str = "all") -> list[list[tuple[str, int]]]:
-    """Per model chunk of this pipeline rank: [(global param name, LOCAL numel)] in registration order."""
+                       pp_layers=None, trainable: str = "all", lora=None) -> list[list[tuple[str, int]]]:
+    """Per model chunk of this pipeline rank: [(global param name, LOCAL numel)] in registration order.
+
+    trainable="lora" (with `lora`, a LoRAConfig) lists the chunk's adapters (parallel/lora.py)."""
     from ..parallel.pipeline import stage_layer_ranges
 
     h, f, hd = m.hidden_size, m.intermediate_size, m.head_dim
@@ -184,7 +186,13 @@ def chunk_param_numels(m, tp: int = 1, pp: int = 1, pp_rank: int = 0, virtual_st
             params.append(("norm.weight", h))
             if not (m.tie_embeddings and first):
                 params.append(("lm_head.weight", vocab * h // tp))
-        if trainable != "all":
+        if trainable == "lora":
+            from ..parallel.lora import local_adapter_numels
+
+            if lora is None:
+                raise ValueError("chunk_param_numels(trainable='lora') needs the lora config")
+            params = local_adapter_numels(m, lora, ranges[g], tp)
+        elif trainable != "all":
             params = [(n, k) for n, k in params if n in ("embed_tokens.weight", "lm_head.weight")]
         out.append(params)
     return out
@@ -237,7 +245,7 @@ def expected_comm_bytes(cfg, world_size: int, rank: int = 0, act_bytes: int | No
     first_stage, last_stage = pp_rank == 0, pp_rank == pp - 1
     out: dict = {}
 
-    chunks = chunk_param_numels(m, tp, pp, pp_rank, vs, p.pp_layers, t.trainable)
+    chunks = chunk_param_numels(m, tp, pp, pp_rank, vs, p.pp_layers, t.trainable, getattr(cfg, "lora", None))
     tied_split = m.tie_embeddings and pp > 1
     # ------------------------------------------------------------ DP (and scalars on dp)
     if dp > 1:

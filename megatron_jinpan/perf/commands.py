@@ -3,6 +3,7 @@
     jinpan bench scaling --smoke --out /tmp/bench           # small CPU sweep (also benchmarks/scaling.py)
     jinpan bench scaling --model debug --world-sizes 1,2,4 --steps 4
     jinpan bench memory --config configs/pretrain/llama7b_stage2.yaml parallel.zero=1 --world-size 64
+    jinpan bench memory model.name=llama-7b train.trainable=lora lora.rank=16     # LoRA, all projections
     jinpan bench project --cluster h100 --models llama-7b,llama-13b --out benchmarks/results
     jinpan bench calibrate --out benchmarks/results        # gloo α-β fit + CPU step-time validation
 """
@@ -71,12 +72,20 @@ def cmd_scaling(args) -> int:
 # ---------------------------------------------------------------- memory
 def cmd_memory(args) -> int:
     from ..config import load_config
-    from .memory import estimate_memory, zero_optimizer_saving
+    from .memory import estimate_memory, lora_summary, zero_optimizer_saving
 
     cfg = load_config(args.config, args.overrides)
     world = args.world_size or cfg.parallel.tp * cfg.parallel.pp * max(1, args.dp)
     for r in range(cfg.parallel.pp):
         print(estimate_memory(cfg, world, r, weights=args.weights).describe())
+    if cfg.train.trainable == "lora":
+        s = lora_summary(cfg.model, cfg.lora, args.weights)
+        gib = 2**30
+        print(f"LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)} ({cfg.model.name}): "
+              f"{s['trainable_params'] / 1e6:.2f}M trainable params ({100 * s['trainable_fraction']:.2f}% of "
+              f"{s['model_params'] / 1e9:.2f}B); optimizer states {s['optimizer_bytes'] / gib:.3f} GiB vs "
+              f"{s['full_ft_optimizer_bytes'] / gib:.1f} GiB for full fine-tuning "
+              f"({'Adam m+v 8' if args.weights == 'fp32' else 'fp32 master+m+v 12'} B/trainable param, whole model)")
     z = zero_optimizer_saving(cfg.model, dp=args.zero_dp)
     print(f"ZeRO-1 optimizer states ({cfg.model.name}, {z['params'] / 1e9:.2f}B params, fp32 master + Adam m,v = "
           f"12 B/param): {z['optimizer_gb_zero0']:.1f} GiB -> {z['optimizer_gb_zero1']:.1f} GiB per GPU at "

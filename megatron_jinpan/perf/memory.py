@@ -146,7 +146,9 @@ def estimate_memory(cfg, world_size: int, pp_rank: int | None = None, weights: s
     chunks = chunk_param_numels(cfg.model, tp, pp, pp_rank, p.virtual_stages if pp > 1 else 1, p.pp_layers)
     all_params = sum(k for c in chunks for _, k in c)
     train_chunks = chunk_param_numels(cfg.model, tp, pp, pp_rank, p.virtual_stages if pp > 1 else 1, p.pp_layers,
-                                      cfg.train.trainable)
+                                      cfg.train.trainable, getattr(cfg, "lora", None))
+    if cfg.train.trainable == "lora":  # the adapters are model parameters too (all of them train)
+        all_params += sum(k for c in train_chunks for _, k in c)
     tied_split = cfg.model.tie_embeddings and pp > 1
     buffer = sum(sum(bucket_numels(c, dp, p.bucket_mb, tied_split)) for c in train_chunks)  # padded, trainable
     params = all_params * w + (buffer - sum(k for c in train_chunks for _, k in c)) * w  # + padding of the buffer
@@ -160,6 +162,21 @@ def estimate_memory(cfg, world_size: int, pp_rank: int | None = None, weights: s
     acts = activation_bytes(cfg, world_size, pp_rank)
     layout = f"tp{tp} pp{pp} dp{dp} zero{p.zero} mb{cfg.train.micro_batch} {cfg.train.recompute}" + (" sp" if p.sp else "")
     return MemoryEstimate(params, grads, optimizer, acts, pp_rank, layout)
+
+
+def lora_summary(model_cfg, lora_cfg, weights: str = "fp32") -> dict:
+    """Trainable parameters and optimizer-state bytes of LoRA vs full fine-tuning (whole model, no sharding).
+
+    Optimizer bytes per trainable parameter: Adam m + v (8), plus a 4-byte fp32 master copy when the
+    weights are bf16; LoRA keeps them for the adapters only (the frozen base has none).
+    """
+    from ..parallel.lora import count_adapter_params
+
+    per_param = 8.0 if weights == "fp32" else 12.0
+    full, adapters = model_cfg.num_params(), count_adapter_params(model_cfg, lora_cfg)
+    return {"model_params": full, "trainable_params": adapters, "trainable_fraction": adapters / full,
+            "optimizer_bytes": adapters * per_param, "full_ft_optimizer_bytes": full * per_param,
+            "grad_bytes": adapters * 4.0, "full_ft_grad_bytes": full * 4.0}
 
 
 def zero_optimizer_saving(model_cfg, dp: int = 8) -> dict:
