@@ -18,8 +18,8 @@ LLM judge (any OpenAI-compatible chat-completions endpoint; key from the env var
   429/5xx, non-JSON, no parsable verdict); a question that still fails is recorded as failed and the
   run goes on. Successful calls are cached (OUTPUT/judge_cache.jsonl, keyed by model and messages),
   so a rerun pays only for what is missing.
-Local judge (--reward-checkpoint): our reward model scores (question, answer) for both answers; the
-higher wins (|difference| <= --tie-margin is a tie).
+Local judge (--reward-checkpoint): our reward model scores (question, answer) for both answers through
+`jinpan reward score` (OUTPUT/reward_scores.jsonl); the higher wins (|difference| <= --tie-margin: tie).
 
 Output: judge.jsonl (per question: verdicts per order, scores, outcome), judge.json and judge.md:
 wins/ties/losses/failed, win rate W/N and tie-adjusted win rate (W + T/2)/N over the N judged
@@ -312,20 +312,27 @@ def run_llm_judge(pairs: list[dict], client: JudgeClient, mode: str = "score", w
         return list(pool.map(one, pairs))
 
 
-def run_reward_judge(pairs: list[dict], checkpoint, tie_margin: float = 0.0, opts: dict | None = None) -> list[dict]:
-    """Local judge: the reward model's score of (question, answer) for both answers."""
-    try:
-        from ..posttrain.reward import score_texts
-    except ImportError as exc:
-        raise EvalError("the local judge needs our reward model scorer (megatron_jinpan/posttrain/reward.py "
-                        f"`score_texts`), which is not available here ({exc}); use --judge-url") from None
-    prompts = [p["question"] for p in pairs] * 2
-    responses = [p["candidate"] for p in pairs] + [p["reference"] for p in pairs]
-    scores = score_texts(checkpoint, prompts, responses, **(opts or {}))
-    n = len(pairs)
+def run_reward_judge(pairs: list[dict], checkpoint, work_dir, tie_margin: float = 0.0,
+                     extra_args: list[str] | None = None) -> list[dict]:
+    """Local judge: `jinpan reward score` on {prompt, chosen=candidate, rejected=reference} pairs."""
+    from ..cli import main as jinpan
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    src, scored = work / "reward_pairs.jsonl", work / "reward_scores.jsonl"
+    with open(src, "w", encoding="utf-8") as fh:
+        for p in pairs:
+            fh.write(json.dumps({"prompt": p["question"], "chosen": p["candidate"], "rejected": p["reference"]},
+                                ensure_ascii=False) + "\n")
+    scored.unlink(missing_ok=True)  # `reward score` never overwrites; this file is ours to redo
+    code = jinpan(["reward", "score", "--checkpoint", str(checkpoint), "--input", str(src), "--output", str(scored),
+                   *(extra_args or [])])
+    if code or not scored.is_file():
+        raise EvalError(f"`jinpan reward score --checkpoint {checkpoint}` failed (exit {code}); see its message above")
+    rows = [json.loads(line) for line in scored.read_text(encoding="utf-8").splitlines() if line.strip()]
     out = []
-    for k, p in enumerate(pairs):
-        cand, ref = float(scores[k]), float(scores[n + k])
+    for p, row in zip(pairs, rows):
+        cand, ref = float(row["reward_chosen"]), float(row["reward_rejected"])
         outcome = "tie" if abs(cand - ref) <= tie_margin else ("win" if cand > ref else "loss")
         out.append({"id": p["id"], "status": "ok", "candidate_score": cand, "reference_score": ref,
                     "verdicts": [outcome], "outcome": outcome})
@@ -371,6 +378,10 @@ def add_judge_args(p) -> None:
     p.add_argument("--cache", help="cache file (default OUTPUT/judge_cache.jsonl)")
     p.add_argument("--reward-checkpoint", help="local judge: our reward model instead of an endpoint")
     p.add_argument("--tie-margin", type=float, default=0.0, help="local judge: |score difference| counted as a tie")
+    p.add_argument("--reward-template", default="plain", help="local judge: chat template the reward model uses")
+    p.add_argument("--nproc", type=int, default=1, help="local judge: worker processes")
+    p.add_argument("--tp", type=int, default=1, help="local judge: tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="local judge: pipeline-parallel size")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--output", default="runs/eval/judge")
 
@@ -384,7 +395,9 @@ def run_judge_command(args) -> dict:
             "reference_name": Path(args.baseline).parent.name if args.baseline else "reference"}
     if args.reward_checkpoint:
         meta.update(judge=f"reward model {args.reward_checkpoint}", mode="reward")
-        records = run_reward_judge(pairs, args.reward_checkpoint, args.tie_margin)
+        extra = ["--template", args.reward_template, "--nproc", str(args.nproc), "--tp", str(args.tp),
+                 "--pp", str(args.pp)]
+        records = run_reward_judge(pairs, args.reward_checkpoint, args.output, args.tie_margin, extra)
     else:
         if not args.judge_url:
             raise EvalError("pass --judge-url (an OpenAI-compatible endpoint) or --reward-checkpoint (local judge)")
