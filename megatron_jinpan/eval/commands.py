@@ -191,7 +191,7 @@ def cmd_judge(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import run_compare
 
-    run_compare(args.runs, args.output, names=args.names)
+    run_compare(args.runs, args.output, names=args.names, data=args.data, all_steps=args.all_steps)
     _show(Path(args.output) / "compare.md")
     return 0
 
@@ -291,6 +291,8 @@ def register(subparsers) -> None:
     q = sub.add_parser("compare", help="put eval reports of several checkpoints/stages side by side (+ PNG)")
     q.add_argument("runs", nargs="+", help="eval output dirs, run dirs (metrics.jsonl) or report JSON files")
     q.add_argument("--names", help="comma-separated column names (default: the directory names)")
+    q.add_argument("--data", action="append", help="NAME=PREFIX_or_JSONL: run `eval ppl` on checkpoint arguments")
+    q.add_argument("--all-steps", action="store_true", help="every checkpoints/step_N of a run dir is a column")
     q.add_argument("--output", default="runs/eval/compare")
     q.set_defaults(func=cmd_compare)
 
