@@ -61,6 +61,9 @@ class TrainConfig:
     # Held-out JSONL of prompts with reference answers (chat formats; the last assistant turn is the
     # reference): at each eval, greedy answers -> eval_exact_match / eval_contains (posttrain/sft.py).
     eval_generate: str | None = None
+    # Multiple-choice / classification tasks at each eval: [{name, exam: DIR | classify: JSONL | task: NAME, ...}]
+    # -> eval_acc_<name> (megatron_jinpan/eval/during_training.py).
+    eval_tasks: list = field(default_factory=list)
 
 
 @dataclass

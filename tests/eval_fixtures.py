@@ -97,21 +97,21 @@ def domain_data(root: Path) -> dict[str, Path]:
     return out
 
 
-def trained_run(root: Path, steps: int = 2) -> tuple[Path, list[dict]]:
+def trained_run(root: Path, steps: int = 2, extra: list[str] = (), name: str = "run") -> tuple[Path, list[dict]]:
     """A tiny pretraining run with two held-out sets evaluated at its last step: (run dir, metrics records)."""
     from megatron_jinpan.config import load_config
     from megatron_jinpan.training.loop import pretrain
 
     tok = tokenizer(root)
     data = domain_data(root)
-    run = root / "run"
+    run = root / name
     overrides = [
         "model.name=debug", "model.vocab_size=320", f"data.tokenizer={tok}", "train.device=cpu",
         f"data.blend=[{{path: {data['zh_train']}, name: zh}}, {{path: {data['en_train']}, name: en}}]",
         f"data.valid=[{{path: {data['zh_valid']}, name: zh}}, {{path: {data['en_valid']}, name: en}}]",
         f"train.steps={steps}", "train.global_batch=4", "train.micro_batch=2", "train.seq_len=32",
         f"train.eval_interval={steps}", "train.eval_iters=2", "optim.lr=1e-2", "optim.warmup=0",
-        "log.progress=false", "log.tensorboard=false", "checkpoint.resume=never", f"run_dir={run}",
+        "log.progress=false", "log.tensorboard=false", "checkpoint.resume=never", f"run_dir={run}", *extra,
     ]
     result = pretrain(load_config(None, overrides))
     return run, result.records

@@ -148,7 +148,7 @@ def plot(path: Path, names: list[str], metrics: dict, curves: dict) -> Path | No
         for run, c in curves.items():
             for key in curve_keys[:6]:
                 if key in c:
-                    ax.plot(*zip(*c[key]), label=f"{run}: {key[5:]}")
+                    ax.plot(*zip(*c[key]), marker="o", markersize=3, label=f"{run}: {key[5:]}")
         ax.set_xlabel("step")
         ax.set_title("held-out loss during training")
         ax.legend(fontsize=7)

@@ -211,7 +211,10 @@ class EvalModel:
         if self.cfg.parallel.sp and self.mesh.tp > 1:
             width = -(-width // self.mesh.tp) * self.mesh.tp
         mb = self.micro_batch or max(1, -(-len(rows) // self.mesh.pp))
-        n_rows = -(-len(rows) // mb) * mb
+        n_mb = -(-len(rows) // mb)
+        if self.cfg.parallel.pp_schedule == "interleaved" and self.mesh.pp > 1:
+            n_mb = -(-n_mb // self.mesh.pp) * self.mesh.pp  # that schedule needs a multiple of pp
+        n_rows = n_mb * mb
         tokens = torch.zeros(n_rows, width, dtype=torch.long)
         labels = torch.zeros(n_rows, width, dtype=torch.long)
         mask = torch.zeros(n_rows, width, dtype=torch.float32)

@@ -63,5 +63,10 @@ def language_model_task(cfg, mesh, name: str = "pretrain") -> Task:
     from .losses import language_model_loss
 
     eval_sets = build_eval_data(cfg) if cfg.train.eval_interval > 0 else {}
+    extra_eval = None
+    if cfg.train.eval_tasks and cfg.train.eval_interval > 0:  # exams/classification: eval_acc_<name>
+        from ..eval.during_training import training_eval_hook
+
+        extra_eval = training_eval_hook(cfg)
     return Task(name=name, train_data=build_train_data(cfg), eval_sets=eval_sets,
-                loss_fn=language_model_loss(cfg.model.vocab_size, mesh))
+                loss_fn=language_model_loss(cfg.model.vocab_size, mesh), extra_eval=extra_eval)
