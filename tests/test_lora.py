@@ -91,12 +91,18 @@ def test_lora_3d_sp_zero1_matches_single_process(reference, tmp_path):
             assert torch.equal(run["params"][name], value), name
 
 
-def test_lora_dropout_masks_match_under_tp(reference, tmp_path):
-    drop = LORA + ["lora.dropout=0.2"]
-    ref = run_layout(drop, 1, tmp_path / "one")
-    out = run_layout(drop + ["parallel.tp=2", "parallel.sp=true"], 2, tmp_path / "tp")
-    assert_same_training(ref, out)
-    assert ref["losses"][1] != pytest.approx(reference["losses"][1], rel=1e-6)  # dropout did act
+@pytest.fixture(scope="module")
+def dropout_reference(tmp_path_factory):
+    return run_layout(LORA + ["lora.dropout=0.2"], 1, tmp_path_factory.mktemp("lora_drop"))
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["tp_comm_overlap", "no_overlap"])
+def test_lora_dropout_masks_match_under_tp(reference, dropout_reference, tmp_path, overlap):
+    """Column adapters take the overlapped autograd function or the plain mappings; same result either way."""
+    out = run_layout(LORA + ["lora.dropout=0.2", "parallel.tp=2", "parallel.sp=true",
+                             f"parallel.tp_comm_overlap={str(overlap).lower()}"], 2, tmp_path)
+    assert_same_training(dropout_reference, out)
+    assert dropout_reference["losses"][1] != pytest.approx(reference["losses"][1], rel=1e-6)  # dropout did act
 
 
 # ---------------------------------------------------------------- checkpoints, merge, PEFT

@@ -21,10 +21,14 @@ activations beyond the base layer's own:
 
 Why no extra collective is needed (t = a TP rank):
 - column: the input is all-gathered (SP) or copied (no SP) ONCE for both
-  paths, so the input gradient of the LoRA path is added to the base path's
-  before the single reduce-scatter / all-reduce of the input gradient
-  (the async-overlapped `_ColumnParallelMatmul` is not used: with W frozen
-  there is no weight gradient to hide that reduction behind);
+  paths, and the LoRA path's input gradient is added to the base path's
+  before the single reduce-scatter / all-reduce of the input gradient. With
+  `parallel.tp_comm_overlap` (default) `_LoRAColumnParallelMatmul` does this
+  by hand like tensor.py's `_ColumnParallelMatmul`: it keeps only the
+  sequence shard for backward (not the gathered input: SP's memory saving
+  stays), re-gathers it asynchronously, and runs the input-gradient
+  reduction while the adapter gradients are computed; without it the
+  autograd mappings do the same synchronously;
 - row: B (A_t x_t) summed over t equals B A x, so the LoRA output joins the
   base output before its all-reduce / reduce-scatter; the input gradient of a
   row-parallel layer needs no reduction.
@@ -84,6 +88,53 @@ def init_lora_parameter(name: str, shape, seed: int, device=None, dtype=torch.fl
     return out.to(dtype)
 
 
+class _LoRAColumnParallelMatmul(torch.autograd.Function):
+    """out = gather_seq?(x) W_t^T + s * B_t A drop(gather_seq?(x)); ONE reduction of the summed input grad.
+
+    Saves the sequence shard x (not the gathered input), the rank-r activations z, and the dropout
+    mask as booleans; backward re-gathers x while the input gradient is computed and overlaps the
+    input-gradient reduce-scatter / all-reduce with the adapter (and, if trainable, base) weight grads.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, keep_mask, scale, keep_prob, group, sequence_parallel):
+        total = mappings.gather_dim(x, group, mappings.SEQ_DIM) if sequence_parallel else x
+        dropped = total if keep_mask is None else total * keep_mask / keep_prob
+        z = F.linear(dropped, lora_a)  # autocast (if on) applies here, as in the base layer
+        out = F.linear(total, weight) + F.linear(z, lora_b) * scale
+        ctx.group, ctx.sequence_parallel, ctx.scale, ctx.keep_prob = group, sequence_parallel, scale, keep_prob
+        ctx.save_for_backward(x, weight, lora_a, lora_b, keep_mask, z)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, keep_mask, z = ctx.saved_tensors
+        group, sp, dtype = ctx.group, ctx.sequence_parallel, grad_out.dtype
+        if sp:
+            _, finish_gather = mappings.all_gather_dim(x, group, mappings.SEQ_DIM, async_op=True)
+        grad_z = grad_out.matmul(lora_b.to(dtype)) * ctx.scale            # [.., r]
+        grad_dropped = grad_z.matmul(lora_a.to(dtype))                    # [.., in]
+        if keep_mask is not None:
+            grad_dropped = grad_dropped * keep_mask / ctx.keep_prob
+        grad_input = grad_out.matmul(weight.to(dtype)) + grad_dropped    # both paths, reduced once
+        if sp:
+            total = finish_gather()
+            _, finish_comm = mappings.reduce_scatter_dim(grad_input, group, mappings.SEQ_DIM, async_op=True)
+        else:
+            total = x
+            grad_input, handle = mappings.all_reduce(grad_input, group, async_op=True)
+            finish_comm = (lambda: (handle.wait() if handle is not None else None, grad_input)[1])
+        # Weight gradients while the input gradient travels.
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        g2, t2 = flat(grad_out), flat(total).to(dtype)
+        dropped = t2 if keep_mask is None else t2 * flat(keep_mask).to(dtype) / ctx.keep_prob
+        grad_b = (g2.t().matmul(flat(z).to(dtype)) * ctx.scale).to(lora_b.dtype)
+        grad_a = flat(grad_z).t().matmul(dropped).to(lora_a.dtype)
+        grad_w = g2.t().matmul(t2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_input = finish_comm()
+        return grad_input.to(x.dtype).contiguous(), grad_w, grad_a, grad_b, None, None, None, None, None
+
+
 class LoRALinear(nn.Module):
     """A (possibly tensor-parallel) bias-free linear with a low-rank adapter; the base `weight` keeps its name.
 
@@ -97,6 +148,7 @@ class LoRALinear(nn.Module):
         self.weight = base.weight
         self.kind, self.group, self.tp_rank, self.tp = kind, group, tp_rank, tp
         self.sequence_parallel = sequence_parallel
+        self.comm_overlap = bool(getattr(base, "comm_overlap", False))  # parallel.tp_comm_overlap
         self.rank, self.scale, self.dropout = rank, float(alpha) / rank, float(dropout)
         out_local, in_local = self.weight.shape
         # Global shapes of the base weight.
@@ -115,16 +167,26 @@ class LoRALinear(nn.Module):
 
     def _dropout_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Inverted-dropout mask for x; under a row-parallel base, this rank's slice of the full-width mask."""
+        return self._keep_mask(x.shape, x.device, x.dtype) / (1.0 - self.dropout)
+
+    def _keep_mask(self, shape, device, dtype=torch.bool) -> torch.Tensor:
+        """Which elements survive dropout, drawn at the full (unsharded) shape so every layout draws alike."""
         keep = 1.0 - self.dropout
-        if self.kind != "row" or self.tp == 1:
-            return torch.empty_like(x).bernoulli_(keep) / keep
-        width = x.shape[-1]
-        full = torch.empty((*x.shape[:-1], width * self.tp), device=x.device, dtype=x.dtype).bernoulli_(keep)
-        return full.narrow(-1, self.tp_rank * width, width) / keep
+        width = shape[-1]
+        full_width = width * self.tp if (self.kind == "row" and self.tp > 1) else width
+        full = torch.empty((*shape[:-1], full_width), device=device, dtype=torch.float32).bernoulli_(keep)
+        return full.narrow(-1, self.tp_rank * width, width).to(dtype) if full_width != width else full.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "plain" or mappings._world(self.group) == 1:
             return F.linear(x, self.weight) + self._adapter(x)
+        if self.kind == "column" and self.comm_overlap and torch.is_grad_enabled():
+            mask = None
+            if self.dropout > 0 and self.training:
+                shape = (x.shape[0], x.shape[1] * (self.tp if self.sequence_parallel else 1), *x.shape[2:])
+                mask = self._keep_mask(shape, x.device)
+            return _LoRAColumnParallelMatmul.apply(x, self.weight, self.lora_A.weight, self.lora_B.weight, mask,
+                                                   self.scale, 1.0 - self.dropout, self.group, self.sequence_parallel)
         if self.kind == "column":
             # One gather/copy for both paths: its backward reduces their summed input gradient once.
             if self.sequence_parallel:
