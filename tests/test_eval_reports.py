@@ -76,3 +76,21 @@ def test_compare_reports_and_steps(tmp_path_factory, tmp_path):
     assert "| metric | base | sft | cpt |" in table and "| acc/exam | 0.2500 | 0.5000 | - |" in table
     steps = run_compare([str(run)], tmp_path / "steps", all_steps=True, data=[f"zh={root / 'data' / 'zh_valid'}"])
     assert steps["columns"] == ["run@2"] and "ppl/zh" in steps["metrics"]["run@2"]
+
+
+def test_demo_eval_sets_are_valid_inputs(tmp_path):
+    from megatron_jinpan.eval.demo import build_eval_demo
+    from megatron_jinpan.eval.generate import read_questions
+    from megatron_jinpan.eval.local_tasks import read_classify_jsonl, write_exam_tasks
+
+    paths = build_eval_demo(tmp_path / "eval", log=lambda *_: None)
+    group, subjects = write_exam_tasks(paths["exam"], tmp_path / "t", name="demo_exam", num_fewshot=2)
+    assert len(subjects) == 5 and (tmp_path / "t" / "demo_exam.yaml").is_file()
+    _, en = write_exam_tasks(paths["exam_en"], tmp_path / "t", name="demo_exam_en", num_fewshot=2)
+    assert len(en) == 3
+    records, labels = read_classify_jsonl(paths["sentiment"])
+    assert set(labels) == {"positive", "negative"} and len(records) == 200
+    assert len(read_questions(paths["qa"])) == 60
+    before = (tmp_path / "eval" / "qa.jsonl").read_text()
+    build_eval_demo(tmp_path / "eval", log=lambda *_: None)  # idempotent: existing files are kept
+    assert (tmp_path / "eval" / "qa.jsonl").read_text() == before

@@ -14,6 +14,7 @@ Writes (skipping whatever already exists):
                                                       vocabulary-extension demo
   tokenizer_ext.model                                 tokenizer_en + zh_chars.txt (`jinpan tokenizer extend`)
   ext/<domain>_text_document, ext/<domain>_valid_text_document   the same data under tokenizer_ext
+  eval/                                               exam CSV/JSONL, sentiment and QA sets (eval/demo.py)
 
 Text is built from templates x word lists with a seeded RNG: documents keep
 one company/person/topic across their sentences (learnable structure) while
@@ -196,7 +197,7 @@ def _done(prefix: Path) -> bool:
 
 def build_demo(output: str, *, docs_per_domain: int = 4000, valid_docs: int = 300, seed: int = 1234,
                vocab_size: int = 8000, workers: int = 2, extension: bool = True, sft: bool = True,
-               log=print) -> dict:
+               evals: bool = True, log=print) -> dict:
     """Create the demo data under `output` (idempotent); returns the paths."""
     from .preprocess import preprocess
     from .tokenizer import extend_tokenizer, is_cjk, train_tokenizer
@@ -266,4 +267,8 @@ def build_demo(output: str, *, docs_per_domain: int = 4000, valid_docs: int = 30
         from .demo_sft import build_sft_demo
 
         paths["sft"] = build_sft_demo(out, tok, seed, workers=workers, log=log)
+    if evals:  # exam / classification / QA sets of `jinpan eval` (eval/demo.py)
+        from ..eval.demo import build_eval_demo
+
+        paths["eval"] = build_eval_demo(out / "eval", seed, log=log)
     return paths
