@@ -17,7 +17,8 @@ setup(
     # never as a top-level `kernels` (another PyPI package owns that name).
     package_dir={"megatron_jinpan.kernels": "kernels"},
     include_package_data=True,
-    package_data={"megatron_jinpan": ["configs/**/*.yaml", "data/demo_corpus/*"]},
+    package_data={"megatron_jinpan": ["configs/**/*.yaml", "data/demo_corpus/*",
+                                      "eval/tasks/*"]},  # lm-eval task templates + their utils.py
     install_requires=[
         "torch>=2.4",
         "numpy",
