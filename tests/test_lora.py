@@ -231,3 +231,53 @@ def test_memory_estimate_counts_lora_states(monkeypatch):
     summary = lora_summary(cfg.model, cfg.lora)
     assert summary["trainable_params"] == trainable
     assert summary["optimizer_bytes"] == 8 * trainable < summary["full_ft_optimizer_bytes"]
+
+
+# ---------------------------------------------------------------- reward model (value head) with LoRA
+def _reward_worker(rank, world, port, overrides, out_path):
+    from megatron_jinpan.parallel.local import set_worker_env
+
+    set_worker_env(rank, world, port)
+    torch.set_num_threads(1)
+    from megatron_jinpan.parallel.parallelize import gather_full_state_dict
+    from megatron_jinpan.posttrain.reward import reward_config, reward_task
+    from megatron_jinpan.training.loop import pretrain
+
+    result = pretrain(reward_config(load_config(None, overrides)), keep_mesh=True, make_task=reward_task)
+    params = gather_full_state_dict(result.chunks, result.mesh)
+    if result.mesh.is_logging_rank:
+        torch.save({"losses": [r["loss"] for r in result.records], "grad_norms": [r["grad_norm"] for r in result.records],
+                    "params": params}, out_path)
+    result.mesh.barrier()
+    result.mesh.destroy()
+
+
+def test_reward_model_lora_tp_sp_equals_one_process(tmp_path):
+    """The value head trains with the adapters (it starts untrained); the base stays frozen; TP+SP == one process."""
+    import torch.multiprocessing as mp
+
+    from megatron_jinpan.parallel.local import free_port
+    from megatron_jinpan.posttrain.pairs import preprocess_pairs
+    from reward_fixtures import VOCAB, make_tokenizer, pair_records, write_pairs
+
+    tok = make_tokenizer(tmp_path)
+    write_pairs(tmp_path / "pairs.jsonl", pair_records(24))
+    preprocess_pairs(str(tmp_path / "pairs.jsonl"), str(tok), str(tmp_path / "prefs"), max_seq_len=64, progress=False)
+    base = ["model.name=debug", f"model.vocab_size={VOCAB}", f"data.tokenizer={tok}",
+            f"data.blend=[{{path: {tmp_path}/prefs}}]", "data.split=100,0,0", "train.steps=2", "train.global_batch=4",
+            "train.micro_batch=2", "train.seq_len=64", "train.device=cpu", "optim.lr=3e-3", "optim.warmup=1",
+            "optim.eps=1e-3", "log.progress=false", "log.tensorboard=false", "checkpoint.resume=never",
+            "checkpoint.save_on_exit=false", "reward.normalize=false", *LORA]
+    runs = {}
+    for tag, nproc, extra in (("one", 1, []), ("tp", 2, ["parallel.tp=2", "parallel.sp=true", "parallel.zero=1"])):
+        out = str(tmp_path / f"{tag}.pt")
+        mp.spawn(_reward_worker, args=(nproc, free_port(), base + extra + [f"run_dir={tmp_path}/{tag}"], out),
+                 nprocs=nproc, join=True)
+        runs[tag] = torch.load(out, weights_only=False)
+    assert_same_training(runs["one"], runs["tp"])
+    initial = _base_init([f"model.vocab_size={VOCAB}", "model.head=value"])
+    for run in runs.values():
+        assert not torch.equal(run["params"]["score.weight"], initial["score.weight"])  # the head trained
+        for name, value in initial.items():
+            if name != "score.weight":
+                assert torch.equal(run["params"][name], value), name
