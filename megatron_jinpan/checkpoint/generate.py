@@ -54,6 +54,23 @@ def _prompt_messages(record: dict, where: str) -> list[dict]:
     return messages
 
 
+def encode_prompt_record(record, where: str, template, tok) -> tuple[str, list[int]]:
+    """(prompt text, ids) of one input record: {"prompt": str} or a conversation (needs a template)."""
+    if template is not None:
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            messages = [{"role": "user", "content": record["prompt"]}]
+        else:
+            messages = _prompt_messages(record, where)
+        return messages[-1]["content"], template.encode_prompt(messages, tok, where)
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise GenerationError(f"{where}: without a chat template each line needs a \"prompt\" string; "
+                              f"set a template (plain|llama2|FILE) to answer conversations")
+    ids = tok.encode(record["prompt"])
+    if getattr(tok, "bos_id", -1) is not None and tok.bos_id >= 0:
+        ids = [tok.bos_id] + ids
+    return record["prompt"], ids
+
+
 def encode_prompts(args, tok) -> list[tuple[str, list[int]]]:
     """(prompt text, ids) for --prompt or each --input line."""
     template = None
@@ -67,23 +84,7 @@ def encode_prompts(args, tok) -> list[tuple[str, list[int]]]:
         records = list(read_jsonl(args.input))
     else:
         records = [("--prompt", {"prompt": args.prompt})]
-    out = []
-    for where, record in records:
-        if template is not None:
-            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-                messages = [{"role": "user", "content": record["prompt"]}]
-            else:
-                messages = _prompt_messages(record, where)
-            out.append((messages[-1]["content"], template.encode_prompt(messages, tok, where)))
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise GenerationError(f"{where}: without --template each line needs a \"prompt\" string; "
-                                  f"pass --template plain|llama2|FILE to answer conversations")
-        ids = tok.encode(record["prompt"])
-        if getattr(tok, "bos_id", -1) is not None and tok.bos_id >= 0:
-            ids = [tok.bos_id] + ids
-        out.append((record["prompt"], ids))
-    return out
+    return [encode_prompt_record(record, where, template, tok) for where, record in records]
 
 
 def _run(rank, world, port, args, prompts, eos_id):
