@@ -9,6 +9,7 @@ Writes (skipping whatever already exists):
   tokenizer.model (+ .vocab)                          bilingual BPE, vocab 8000
   <domain>_text_document.{bin,idx}                    training sets (EOD appended)
   <domain>_valid_text_document.{bin,idx}              held-out sets per domain
+  prefs/train, prefs/valid                            preference pairs (data/demo_prefs.py)
   zh_chars.txt                                        Chinese characters by frequency (a --chars list)
   tokenizer_en.model                                  English-only BPE (vocab 3000), the "LLaMA" of the
                                                       vocabulary-extension demo
@@ -197,7 +198,7 @@ def _done(prefix: Path) -> bool:
 
 def build_demo(output: str, *, docs_per_domain: int = 4000, valid_docs: int = 300, seed: int = 1234,
                vocab_size: int = 8000, workers: int = 2, extension: bool = True, sft: bool = True,
-               evals: bool = True, log=print) -> dict:
+               evals: bool = True, prefs: bool = True, log=print) -> dict:
     """Create the demo data under `output` (idempotent); returns the paths."""
     from .preprocess import preprocess
     from .tokenizer import extend_tokenizer, is_cjk, train_tokenizer
@@ -271,4 +272,8 @@ def build_demo(output: str, *, docs_per_domain: int = 4000, valid_docs: int = 30
         from ..eval.demo import build_eval_demo
 
         paths["eval"] = build_eval_demo(out / "eval", seed, log=log)
+    if prefs:  # the preference pairs of the reward model / DPO recipes (data/demo_prefs.py)
+        from .demo_prefs import build_prefs_demo
+
+        paths["prefs"] = build_prefs_demo(out, tok, seed, workers=workers, log=log)
     return paths

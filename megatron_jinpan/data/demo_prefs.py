@@ -1,0 +1,109 @@
+"""The demo preference set: the demo instruction tasks with a good and a bad answer per prompt.
+
+    jinpan data demo --output data/demo          # builds this too, under data/demo/prefs/
+
+Writes (skipping what exists):
+  prefs/train.jsonl, prefs/valid.jsonl     preference pairs (valid: held-out prompts, see below)
+  prefs/train, prefs/valid                 preprocessed with `jinpan preprocess --format pairs` (plain template)
+
+Prompts come from the SFT demo's task generators (data/demo_sft.py: reading, translation, one-digit
+sums, figures, metric direction, tickers, gross profit; zh and en). The chosen answer is the correct
+one; the rejected answer is one of
+  wrong       (50%) an answer of the right form that is false: another number, city, ticker or direction
+  evasive     (25%) a refusal or a non-answer ("I'm not sure.", "这个问题我无法回答。")
+  degenerate  (25%) a repeated fragment, or the answer cut off and trailing into noise
+Lines alternate between the record forms users bring: {"prompt": [messages], "chosen": str,
+"rejected": str} and whole conversations {"chosen": [messages], "rejected": [messages]}.
+The held-out split uses new stories, figures and phrasings (`held=True` in the generators).
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from .demo_sft import FINANCE, GENERAL, fact_table
+
+SETS = {"train": 4000, "valid": 400}
+EVASIVE = {"zh": ["这个问题我无法回答。", "我不确定，请咨询专业人士。", "抱歉，我不知道。", "无可奉告。"],
+           "en": ["I'm not sure.", "I cannot answer that.", "Please ask someone else.", "It depends."]}
+TASKS = {f.__name__.strip("_"): (f, f in FINANCE) for f in GENERAL + FINANCE}
+
+
+def _wrong(r: random.Random, answer: str, task: str, zh: bool, held: bool, facts: dict) -> str:
+    """A false answer in the same form: change a number, or take another sample's answer of the task."""
+    numbers = re.findall(r"\d+(?:\.\d+)?", answer)
+    if numbers:
+        old = r.choice(numbers)
+        while True:
+            step = r.choice([-3, -2, -1, 1, 2, 3, 5, 11])
+            new = str(round(abs(float(old) + step), 1)) if "." in old else str(abs(int(old) + step)).zfill(len(old))
+            if new != old:
+                return answer.replace(old, new, 1)
+    fn, finance = TASKS[task]
+    for _ in range(20):
+        (_, other), _ = fn(r, zh, held, facts) if finance else fn(r, zh, held)
+        if other != answer:
+            return other
+    return EVASIVE["zh" if zh else "en"][0]
+
+
+def _degenerate(r: random.Random, answer: str) -> str:
+    if r.random() < 0.5:
+        piece = answer[: max(1, len(answer) // 2)]
+        return " ".join([piece] * r.randint(4, 8))
+    return answer[: max(1, len(answer) // 3)] + r.choice(["... ... ...", "？？？", "|||"])
+
+
+def preference_pair(r: random.Random, facts: dict, held: bool, index: int) -> dict:
+    fn, finance = r.choice(list(TASKS.values()))
+    zh = r.random() < 0.5
+    (question, answer), _ = fn(r, zh, held, facts) if finance else fn(r, zh, held)
+    kind = r.choices(["wrong", "evasive", "degenerate"], weights=[2, 1, 1])[0]
+    task = fn.__name__.strip("_")
+    if kind == "wrong":
+        bad = _wrong(r, answer, task, zh, held, facts)
+    elif kind == "evasive":
+        bad = r.choice(EVASIVE["zh" if zh else "en"])
+    else:
+        bad = _degenerate(r, answer)
+    prompt = [{"role": "user", "content": question}]
+    meta = {"kind": kind, "task": task, "lang": "zh" if zh else "en"}
+    if index % 2:
+        return {"chosen": prompt + [{"role": "assistant", "content": answer}],
+                "rejected": prompt + [{"role": "assistant", "content": bad}], **meta}
+    return {"prompt": prompt, "chosen": answer, "rejected": bad, **meta}
+
+
+def generate_sets(seed: int) -> dict[str, list[dict]]:
+    facts = fact_table(seed)  # the same companies/cities as the SFT demo: an SFT model knows them
+    out = {}
+    for name, n in SETS.items():
+        r = random.Random(f"prefs:{name}:{seed}")
+        out[name] = [preference_pair(r, facts, name == "valid", i) for i in range(n)]
+    return out
+
+
+def build_prefs_demo(out: Path, tokenizer: Path, seed: int, workers: int = 1, log=print) -> dict:
+    """Write and preprocess the preference sets under out/prefs (idempotent); returns the prefixes."""
+    from ..posttrain.pairs import preprocess_pairs
+
+    prefs = Path(out) / "prefs"
+    prefs.mkdir(parents=True, exist_ok=True)
+    sets, paths = None, {}
+    for name in SETS:
+        path = prefs / f"{name}.jsonl"
+        if not path.is_file():
+            sets = sets or generate_sets(seed)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in sets[name]), encoding="utf-8")
+            tmp.replace(path)
+            log(f"wrote {path} ({len(sets[name])} pairs)")
+        prefix = prefs / name
+        if not Path(str(prefix) + ".pairs.json").is_file():
+            info = preprocess_pairs(str(path), str(tokenizer), str(prefix), template="plain", max_seq_len=256,
+                                    workers=workers, progress=False)
+            log(f"wrote {prefix}.bin/.idx (+ .mask): {info['pairs']} pairs, skipped {info['skipped']}")
+        paths[name] = str(prefix)
+    return paths
