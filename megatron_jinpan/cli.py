@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "megatron_jinpan.perf.commands",        # bench
     "megatron_jinpan.posttrain.preference_commands",  # reward, reward score, dpo
     "megatron_jinpan.posttrain.sft_commands",  # sft
+    "megatron_jinpan.posttrain.ppo_commands",  # ppo
     "megatron_jinpan.eval.commands",        # eval ppl|mcq|classify|generate|judge|compare
 )
 
