@@ -47,3 +47,16 @@ def test_bad_questions(tmp_path):
     f.write_text('{"question": "q"}\n')
     with pytest.raises(EvalError, match=r"q.jsonl:1: missing field 'answer'"):
         read_questions(f)
+
+
+def test_chat_records(tmp_path):
+    from megatron_jinpan.eval.generate import encode_prompts
+
+    f = tmp_path / "chat.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "周艳每天看电影多少分钟？"}, '
+                 '{"role": "assistant", "content": "70分钟"}]}\n')
+    (q,) = read_questions(f)
+    assert q["references"] == ["70分钟"] and q["messages"][-1]["role"] == "user"
+    assert match("她每天看 70 分钟", q["references"])["numeric"]
+    with pytest.raises(EvalError, match="need --template"):
+        encode_prompts([q], None, None)

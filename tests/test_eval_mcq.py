@@ -130,3 +130,26 @@ def test_tokenizer_mismatch(setup, tmp_path):
     extend_tokenizer(root / "tok" / "tokenizer.model", [f"piece{i}" for i in range(300)], big)
     with pytest.raises(EvalError, match="has 620 tokens but checkpoint .* has vocab_size=320"):
         EvalModel.open(str(ours), tokenizer=str(big))
+
+
+def test_loglikelihood_rolling(setup):
+    """A whole document: one window = log p(doc | BOS); windows of max_length cover every token once."""
+    from lm_eval.api.instance import Instance
+
+    from megatron_jinpan.eval.engine import EvalModel
+    from megatron_jinpan.eval.lm import JinpanLM
+
+    _, ours, _, _, _ = setup
+    model = EvalModel.open(str(ours))
+    text = "the market rose 营业 收入 增长 利润 银行 股票 bond rate profit revenue 公司 市场"
+    ids = model.tokenizer.encode(text)
+    request = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    whole = JinpanLM(model=model).loglikelihood_rolling(request)[0]
+    assert whole == pytest.approx(model.score([([model.tokenizer.bos_id], ids)])[0][0], abs=1e-4)
+    calls = []
+    score = model.score
+    model.score = lambda reqs, batch_size=8: calls.extend(reqs) or score(reqs, batch_size)
+    windowed = JinpanLM(model=model, max_length=8).loglikelihood_rolling(request)[0]
+    model.close()
+    assert sum(len(cont) for _, cont in calls) == len(ids) and all(len(c) + len(x) <= 9 for c, x in calls)
+    assert windowed < 0 and windowed != pytest.approx(whole, abs=1e-3)  # less context, another number

@@ -112,12 +112,28 @@ def _limit(text):
     return int(value) if value >= 1 and float(text).is_integer() and "." not in str(text) else value
 
 
+def _check_inputs(args, need_tokenizer: bool = True) -> None:
+    """A missing/corrupt checkpoint or a tokenizer that does not fit it fails here, before any worker starts."""
+    from ..checkpoint.load import model_config_of
+    from ..data.tokenizer import load_tokenizer
+    from .engine import check_tokenizer_fits, checkpoint_tokenizer_path
+
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist; pass a run dir, a "
+                                "checkpoints/step_N dir or a Hugging Face model dir")
+    cfg = model_config_of(args.checkpoint)
+    if need_tokenizer or args.tokenizer:
+        path = checkpoint_tokenizer_path(args.checkpoint, args.tokenizer)
+        check_tokenizer_fits(load_tokenizer(path, key="--tokenizer"), cfg, path, args.checkpoint)
+
+
 def _engine_opts(args) -> dict:
     return {"checkpoint": args.checkpoint, "tp": args.tp, "pp": args.pp, "tokenizer": args.tokenizer,
             "dtype": args.dtype, "device": args.device, "micro_batch": args.micro_batch}
 
 
 def cmd_ppl(args) -> int:
+    _check_inputs(args, need_tokenizer=any(d.endswith(".jsonl") for d in args.data or []))
     out = Path(args.output)
     opts = {**_engine_opts(args), "data": args.data, "output": str(out), "eval_iters": args.eval_iters,
             "seq_len": args.seq_len, "global_batch": args.global_batch, "micro_batch": args.micro_batch}
@@ -136,6 +152,7 @@ def cmd_mcq(args) -> int:
     from .engine import EvalError
     from .local_tasks import write_exam_tasks
 
+    _check_inputs(args)
     opts = {**_harness_opts(args), "log_samples": args.log_samples}
     tasks = [t for t in (args.tasks or "").split(",") if t]
     if args.exam:
@@ -156,6 +173,7 @@ def cmd_mcq(args) -> int:
 def cmd_classify(args) -> int:
     from .local_tasks import parse_labels, read_classify_jsonl, write_classify_task
 
+    _check_inputs(args)
     labels = parse_labels(args.labels)
     _, labels = read_classify_jsonl(args.data, args.text_field, args.label_field, labels or None)
     name = args.name or Path(args.data).stem
@@ -171,6 +189,7 @@ def cmd_classify(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    _check_inputs(args)
     opts = {**_engine_opts(args), "input": args.input, "output": args.output, "max_new_tokens": args.max_new_tokens,
             "greedy": not args.sample, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
             "seed": args.seed, "template": args.template, "match": args.match, "batch_size": args.batch_size,

@@ -4,7 +4,9 @@
         --max-new-tokens 32 --output runs/eval/gen [--nproc 4 --tp 2 --pp 2] [--sample --temperature 0.7]
 
 Input lines: {"question": ..., "answer": ... (a string, a number or a list of accepted answers)} (field
-names: --question-field/--answer-field; "id" is kept). With --template the question is one user turn
+names: --question-field/--answer-field; "id" is kept), or chat records (OpenAI `messages`, ShareGPT
+`conversations`, Alpaca `instruction/input/output`, as SFT reads them) whose last assistant turn is
+the reference and whose earlier turns are the prompt (needs --template). With --template the question is one user turn
 of that chat template (posttrain/chat.py, as SFT trained it) followed by the assistant header;
 without, the prompt is BOS + the question. Decoding runs on the engine's KV-cache generator
 (posttrain/generation.py) on any layout; data-parallel replicas split the questions.
@@ -12,8 +14,9 @@ without, the prompt is BOS + the question. Decoding runs on the engine's KV-cach
 Metrics (per answer, then averaged):
 - exact:    normalised response == a normalised reference (case, spaces, outer punctuation ignored);
 - contains: a normalised reference occurs in the normalised response;
-- numeric:  the last number in the response equals a numeric reference (commas and % ignored,
-            relative tolerance 1e-6); questions without a numeric reference are left out of it.
+- numeric:  the last number in the response equals the reference's number (a reference holding exactly
+            one number, e.g. "70分钟"; commas and % ignored, relative tolerance 1e-6); questions without
+            one are left out of it.
 Output: OUTPUT/answers.jsonl ({id, question, reference, response, exact, contains, numeric} per line,
 the input `jinpan eval judge` reads), generate.json and generate.md.
 """
@@ -52,8 +55,7 @@ def as_number(reference) -> float | None:
     if isinstance(reference, (int, float)) and not isinstance(reference, bool):
         return float(reference)
     found = numbers_in(str(reference))
-    text = normalize(str(reference)).replace(",", "").rstrip("%")
-    return found[0] if len(found) == 1 and re.fullmatch(r"[-+]?[\d.]+", text) else None
+    return found[0] if len(found) == 1 else None  # "70分钟", "94 minutes", "12.5%": the one number
 
 
 def match(response: str, references: list) -> dict:
@@ -82,8 +84,16 @@ def read_questions(path, question_field: str = "question", answer_field: str = "
             rec = json.loads(text)
         except json.JSONDecodeError as exc:
             raise EvalError(f"{path}:{line}: not JSON ({exc.msg})") from None
+        if isinstance(rec, dict) and question_field not in rec and answer_field not in rec:
+            chat = _chat_question(rec, f"{path}:{line}")
+            if chat is not None:
+                out.append({"id": rec.get("id", len(out)), **chat})
+                if limit and len(out) >= limit:
+                    break
+                continue
         if not isinstance(rec, dict) or question_field not in rec:
-            raise EvalError(f"{path}:{line}: missing field {question_field!r} (set --question-field)")
+            raise EvalError(f"{path}:{line}: missing field {question_field!r} (set --question-field; chat records "
+                            "with messages/conversations/instruction are read too)")
         if answer_field not in rec:
             raise EvalError(f"{path}:{line}: missing field {answer_field!r} (the reference; set --answer-field)")
         ref = rec[answer_field]
@@ -96,13 +106,31 @@ def read_questions(path, question_field: str = "question", answer_field: str = "
     return out
 
 
+def _chat_question(rec: dict, where: str) -> dict | None:
+    """A chat record (OpenAI messages / ShareGPT / Alpaca): the turns before the last assistant answer are
+    the question, that answer the reference. None when the record is not a chat record."""
+    if not any(k in rec for k in ("messages", "conversations", "instruction")):
+        return None
+    from ..posttrain.chat import to_messages
+
+    messages = to_messages(rec, where)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise EvalError(f"{where}: the conversation must end with the assistant's reference answer")
+    turns = messages[:-1]
+    return {"question": "\n".join(m["content"] for m in turns if m["role"] == "user"), "messages": turns,
+            "references": [messages[-1]["content"]]}
+
+
 def encode_prompts(questions: list[dict], tokenizer, template: str | None) -> list[list[int]]:
+    if any("messages" in q for q in questions) and not template:
+        raise EvalError("chat records (messages/conversations/instruction) need --template (plain, llama2, "
+                        "or the Jinja template the model was fine-tuned with)")
     if template:
         from ..posttrain.chat import load_template
 
         chat = load_template(template)
-        return [chat.encode_prompt([{"role": "user", "content": q["question"]}], tokenizer, f"question {q['id']}")
-                for q in questions]
+        return [chat.encode_prompt(q.get("messages") or [{"role": "user", "content": q["question"]}], tokenizer,
+                                   f"question {q['id']}") for q in questions]
     bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
     return [bos + tokenizer.encode(q["question"]) for q in questions]
 
