@@ -48,8 +48,9 @@ def test_full_pass_counts_each_token_once_and_jsonl_input(run):
 
 def test_ppl_layouts_agree(run, tmp_path):
     root, run_dir, last = run
-    run_on_ranks(_ppl_entry, {"checkpoint": str(run_dir), "eval_iters": 2, "tp": 2, "pp": 2,
-                              "output": str(tmp_path)}, nproc=4)
+    # pp=2 (the tp layouts of the same evaluate() are covered by the training equivalence tests)
+    run_on_ranks(_ppl_entry, {"checkpoint": str(run_dir), "eval_iters": 2, "tp": 1, "pp": 2,
+                              "output": str(tmp_path)}, nproc=2)
     rows = {r["set"]: r for r in json.loads((tmp_path / "ppl.json").read_text())["rows"]}
     for name in ("zh", "en"):
         assert rows[name]["loss"] == pytest.approx(last[f"eval_loss_{name}"], rel=1e-5)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,7 +255,7 @@ class EvalModel:
         def run(batch):
             out = generate(self.chunks, self.mesh, [list(prompts[i]) for i in batch], max_new_tokens=max_new_tokens,
                            greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos,
-                           seed=seed + batch[0])
+                           seed=seed + batch[0], autocast=self._autocast)
             return [_cut_at(list(map(int, r)), eos) for r in out.responses]
 
         return self._run_sharded(batches, run)
@@ -265,6 +264,3 @@ class EvalModel:
 def _cut_at(ids: list[int], eos: int) -> list[int]:
     return ids[:ids.index(eos)] if eos in ids else ids
 
-
-def under_launcher() -> bool:
-    return "WORLD_SIZE" in os.environ
