@@ -273,8 +273,8 @@ def lora_modules(chunk: nn.Module) -> dict[str, LoRALinear]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter of a single-device model into its base weight and restore plain nn.Linear modules."""
     for name, module in list(lora_modules(model).items()):
-        linear = nn.Linear(module.in_features, module.out_features, bias=False, device=module.weight.device,
-                           dtype=module.weight.dtype)
+        linear = nn.utils.skip_init(nn.Linear, module.in_features, module.out_features, bias=False,
+                                    device=module.weight.device, dtype=module.weight.dtype)
         linear.weight.copy_(module.merged_weight())
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, linear)
