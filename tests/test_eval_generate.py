@@ -9,6 +9,11 @@ from megatron_jinpan.eval.engine import EvalError
 from megatron_jinpan.eval.generate import match, read_questions
 
 
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    return hf_and_ours(tmp_path_factory.mktemp("gen"))[0]
+
+
 def test_match_rules():
     assert match("  The answer is Paris. ", ["paris"]) == {"exact": False, "contains": True, "numeric": None}
     assert match("Paris。", ["paris"])["exact"]
@@ -18,9 +23,7 @@ def test_match_rules():
     assert match("B", ["A", "b"])["exact"]  # any accepted answer
 
 
-def test_generate_end_to_end_and_dp2(tmp_path_factory, tmp_path):
-    root = tmp_path_factory.mktemp("gen")
-    ours, _ = hf_and_ours(root)
+def test_generate_end_to_end_and_dp2(ours, tmp_path):
     qs = tmp_path / "qa.jsonl"
     qs.write_text("\n".join(json.dumps({"question": q, "answer": a}, ensure_ascii=False) for q, a in
                             [("利润 是", "银行"), ("the market", "rose"), ("收入 增长", 12), ("bond rate", ["a", "b"]),
@@ -60,3 +63,23 @@ def test_chat_records(tmp_path):
     assert match("她每天看 70 分钟", q["references"])["numeric"]
     with pytest.raises(EvalError, match="need --template"):
         encode_prompts([q], None, None)
+
+
+def test_lm_eval_generate_until(ours):
+    from lm_eval.api.instance import Instance
+
+    from megatron_jinpan.eval.engine import EvalModel
+    from megatron_jinpan.eval.lm import JinpanLM
+
+    model = EvalModel.open(str(ours))
+    lm = JinpanLM(model=model)
+    reqs = [Instance("generate_until", {}, (ctx, {"until": [stop], "max_gen_toks": 8}), i)
+            for i, (ctx, stop) in enumerate([("利润 是", "\n"), ("the market", "e"), ("收入 增长", "\n")])]
+    texts = lm.generate_until(reqs)
+    tok = model.tokenizer
+    for (ctx, kw), text in zip([r.args for r in reqs], texts):
+        ids = model.generate_ids([[tok.bos_id] + tok.encode(ctx)], max_new_tokens=8)[0]
+        full = tok.decode(ids)
+        stop = kw["until"][0]
+        assert text == (full[:full.index(stop)] if stop in full else full)
+    model.close()
