@@ -38,10 +38,19 @@ fi
 
 MASTER_ADDR=${RDZV_ENDPOINT%:*}
 MASTER_PORT=${RDZV_ENDPOINT##*:}
+status=0
 if [[ "$NNODES" == "1" ]]; then
-  exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC_PER_NODE" -m megatron_jinpan "$@"
+  "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC_PER_NODE" -m megatron_jinpan "$@" \
+    || status=$?
+else
+  # Static rendezvous: node ranks are fixed (Slurm gives them), the endpoint is node 0.
+  "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
+    --nproc-per-node "$NPROC_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+    -m megatron_jinpan "$@" || status=$?
 fi
-# Static rendezvous: node ranks are fixed (Slurm gives them), the endpoint is node 0.
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
-  --nproc-per-node "$NPROC_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  -m megatron_jinpan "$@"
+if [[ $status -ne 0 ]]; then
+  # torchrun's "Root Cause" summary above names the failed rank; the rank printed its (pp, dp, tp).
+  echo "launch/torchrun.sh: training failed (exit $status); torchrun stopped the other ranks." >&2
+  "$PYTHON" -m megatron_jinpan.training.failure "$@" || true
+fi
+exit $status

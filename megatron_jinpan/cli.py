@@ -49,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(getattr(args, "overrides", []) or []) + extra
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         from .config import ConfigError
 
         if isinstance(exc, (ConfigError, FileNotFoundError)) or getattr(exc, "user_facing", False):
             print(f"jinpan {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+            return getattr(exc, "exit_code", 2)
         raise
 
 

@@ -150,6 +150,11 @@ class ParallelMesh:
             gc.collect()
 
 
+def rank_coords(rank: int, tp: int, dp: int) -> tuple[int, int, int]:
+    """(pp, dp, tp) coordinates of a global rank (tp varies fastest), e.g. for reports about other ranks."""
+    return rank // (dp * tp), (rank // tp) % dp, rank % tp
+
+
 def check_world_size(world_size: int, tp: int, pp: int) -> None:
     from ..config import ConfigError
 

@@ -31,9 +31,13 @@ def launch(cfg, entry, nproc: int) -> None:
         return
     import torch.multiprocessing as mp
 
+    from .failure import supervise
+
     # Share the cores between workers rather than oversubscribing them.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    mp.spawn(_worker, args=(nproc, free_port(), cfg, entry), nprocs=nproc, join=True)
+    context = mp.start_processes(_worker, args=(nproc, free_port(), cfg, entry), nprocs=nproc, join=False,
+                                 start_method="spawn")
+    supervise(context, cfg)  # a dead rank: RankFailure naming it, the others stopped, where to resume
 
 
 def _pretrain_entry(cfg) -> None:

@@ -12,6 +12,7 @@ reduction, clipping, update) -> metrics, eval, checkpoint.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,10 +73,18 @@ def pretrain(cfg: Config, keep_mesh: bool = False, make_task=None) -> TrainResul
     mesh = ParallelMesh.create(cfg.parallel.tp, cfg.parallel.pp, device)
     try:
         task = (make_task or language_model_task)(cfg, mesh)
-        return train(cfg, mesh, task)
-    finally:
-        if not keep_mesh:
+        result = train(cfg, mesh, task)
+    except BaseException as exc:
+        # With other ranks the mesh is left as is: its teardown barrier would wait forever for ranks blocked
+        # in this step's collectives; exiting lets the launcher see the failure and stop the others.
+        if mesh.world_size == 1 and not keep_mesh:
             mesh.destroy()
+        elif mesh.world_size > 1:
+            print(f"[jinpan] {mesh.describe()} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        raise
+    if not keep_mesh:
+        mesh.destroy()
+    return result
 
 
 def _global_units(microbatches: list[dict], denominator, mesh) -> torch.Tensor:

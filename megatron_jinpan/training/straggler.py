@@ -44,6 +44,7 @@ import torch
 from .. import device as devices
 from .. import telemetry
 from ..parallel import comm
+from ..parallel.mesh import rank_coords
 
 TIMES = ("data_s", "forward_s", "backward_s", "optimizer_s", "comm_s", "step_s", "busy_s")
 FIELDS = TIMES + telemetry.SAMPLE_FIELDS
@@ -161,7 +162,7 @@ class StragglerDetector:
         comm.all_gather_into_tensor(table, local)
         self._reset()
         rows = [dict(zip(FIELDS, r)) for r in table.view(mesh.world_size, len(FIELDS)).tolist()]
-        coords = [(r // (mesh.dp * mesh.tp), (r // mesh.tp) % mesh.dp, r % mesh.tp) for r in range(mesh.world_size)]
+        coords = [rank_coords(r, mesh.tp, mesh.dp) for r in range(mesh.world_size)]
         metrics, lines = build_report(rows, coords, self.hosts, self.threshold)
         if mesh.is_logging_rank:
             for line in lines:
