@@ -164,7 +164,7 @@ def _unmerged_model(state, lora_ckpt):
     return model.eval()
 
 
-def test_lora_merge_equals_unmerged(bases, lora_run, tmp_path):
+def test_lora_merge_equals_unmerged(bases, lora_run, tmp_path, capsys):
     from megatron_jinpan import load_model
     from megatron_jinpan.checkpoint import format as fmt
     from megatron_jinpan.checkpoint.convert import mj_to_hf
@@ -185,6 +185,11 @@ def test_lora_merge_equals_unmerged(bases, lora_run, tmp_path):
         base_logits = load_model(bases["ours"])(tokens)
         assert (merged(tokens) - base_logits).abs().max() > 1e-4  # the adapters changed the model
     assert (mj_to_hf(tmp_path / "m", tmp_path / "m_hf", progress=False) / "config.json").is_file()
+    # A base that is not there: one clear error naming it and the fix; nothing written.
+    assert main(["convert", "lora-merge", "--input", str(ckpt), "--output", str(tmp_path / "m2"),
+                 "--base", str(tmp_path / "moved")]) == 2
+    err = capsys.readouterr().err
+    assert "moved" in err and "does not exist; pass --base" in err and not (tmp_path / "m2").exists()
 
 
 def test_peft_export_matches_transformers_peft(bases, lora_run, tmp_path):

@@ -47,7 +47,8 @@ import torch
 
 from .. import device as devices
 from ..parallel import comm
-from ..parallel.parallelize import param_specs, unwrap
+from ..parallel.specs import param_specs, unwrap
+from ..training.state import TrainState
 from . import format as fmt
 from .format import CheckpointError
 
@@ -172,8 +173,6 @@ class CheckpointManager:
 
     def load(self, path, chunks, optimizer, with_optimizer: bool = True):
         """Load a training checkpoint (model, optimizer, RNG) saved under any layout; returns its TrainState."""
-        from ..training.loop import TrainState
-
         path = Path(path)
         self._verify(path)
         meta = fmt.read_meta(path)
@@ -203,8 +202,15 @@ class CheckpointManager:
         if set (a base that moved)."""
         recorded = meta.get("base")
         base = (self.cfg.checkpoint.load if resuming else None) or recorded
-        if self.cfg.checkpoint.load and recorded and Path(recorded).resolve() != Path(base).resolve():
-            _log(self.mesh, f"note: {path} was trained on {recorded}; loading its adapters on checkpoint.load={base}")
+        if base and not Path(base).exists():
+            raise CheckpointError(f"{path} holds LoRA adapters trained on the base {base}, which does not exist; "
+                                  "set checkpoint.load=BASE to those weights (e.g. moved, or their HF conversion)")
+        if base != recorded and recorded:
+            from .load import resolve_source
+
+            if Path(recorded).resolve() != resolve_source(base)[1].resolve():
+                _log(self.mesh, f"note: {path} was trained on {recorded}; loading its adapters on "
+                                f"checkpoint.load={base}")
         if base:
             self.load_weights(base, chunks, None)
             return
