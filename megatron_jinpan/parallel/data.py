@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from . import comm
-from .parallelize import param_specs, unwrap
+from .specs import param_specs, unwrap
 
 EMBEDDING_NAMES = ("embed_tokens.weight", "lm_head.weight")
 _PAD_ELEMS = 64

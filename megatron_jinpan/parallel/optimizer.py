@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from . import comm
 from .data import EMBEDDING_NAMES, DataParallel, finalize_model_grads
-from .parallelize import param_specs, unwrap
+from .specs import param_specs, unwrap
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 

@@ -15,46 +15,15 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
 from ..models import Llama, init_parameter
 from ..models.ops import KernelChoice
-
-
-@dataclass
-class ParamSpec:
-    """How one local parameter relates to the single-device model's parameter."""
-
-    name: str                      # global name in the single-device model
-    full_shape: tuple              # unpadded global shape
-    tp_dim: int | None = None      # dim split across tensor-parallel ranks (None: replicated)
-    padded_size: int | None = None  # size of `pad_dim` after vocab padding (before the split)
-    pad_dim: int | None = None
-    # Replicated across TP but each rank sees only part of the sequence (SP):
-    # its gradient is a partial sum that must be all-reduced over TP.
-    sequence_parallel: bool = False
-    # Replicated across TP, but each rank computes only part of its gradient (the replicated factor
-    # of a LoRA adapter, parallel/lora.py): summed over TP like the SP norm weights.
-    tp_partial_grad: bool = False
-
-    def local_slice(self, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
-        """This rank's piece of the full (unpadded) tensor: pad, then split."""
-        if self.pad_dim is not None and self.padded_size and self.padded_size > full.shape[self.pad_dim]:
-            pad_shape = list(full.shape)
-            pad_shape[self.pad_dim] = self.padded_size - full.shape[self.pad_dim]
-            full = torch.cat([full, full.new_zeros(pad_shape)], dim=self.pad_dim)
-        if self.tp_dim is None or tp == 1:
-            return full
-        return full.chunk(tp, dim=self.tp_dim)[tp_rank]
-
-
-def param_specs(chunk: nn.Module) -> dict[str, ParamSpec]:
-    """chunk.param_specs, filled with replicated defaults for any parameter not listed."""
-    specs = getattr(chunk, "param_specs", {})
-    return {name: specs.get(name) or ParamSpec(name, tuple(p.shape)) for name, p in chunk.named_parameters()}
+from .data import wrap_data_parallel
+from .pipeline import split_into_stages
+from .specs import ParamSpec, param_specs, unwrap  # noqa: F401 - also imported from here by other modules
+from .tensor import apply_tensor_parallel
 
 
 @torch.no_grad()
@@ -81,10 +50,6 @@ def apply_recompute(chunk: Llama, mode: str) -> None:
 
 def build_model(cfg, mesh) -> list[nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage), ready to train."""
-    from .data import wrap_data_parallel
-    from .pipeline import split_into_stages
-    from .tensor import apply_tensor_parallel
-
     with torch.device("meta"):
         full = Llama(cfg.model)
     kernels = KernelChoice(**vars(cfg.kernels)).resolved(mesh.device.type)
@@ -100,11 +65,6 @@ def build_model(cfg, mesh) -> list[nn.Module]:
             apply_lora(chunk, cfg.lora, cfg.train.seed, mesh)
         chunks.append(chunk)
     return wrap_data_parallel(chunks, mesh, cfg)
-
-
-def unwrap(chunk: nn.Module) -> nn.Module:
-    """The Llama chunk inside a data-parallel wrapper."""
-    return getattr(chunk, "module", chunk)
 
 
 @torch.no_grad()

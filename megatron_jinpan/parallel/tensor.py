@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import comm, mappings
-from .parallelize import ParamSpec
+from .specs import ParamSpec
 
 
 # ---------------------------------------------------------------- column-parallel matmul with async grad comm

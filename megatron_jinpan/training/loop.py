@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import device as devices
+from ..checkpoint.manager import CheckpointManager
 from ..config import Config
 from ..parallel import comm
 from ..parallel.mesh import ParallelMesh
@@ -29,20 +30,9 @@ from ..parallel.validate import validate_config
 from .lr import learning_rate
 from .metrics import MetricsWriter
 from .schedules import forward_backward
+from .state import TrainState  # noqa: F401 - also imported from here by other modules
 from .straggler import NO_TIMERS, StragglerDetector
 from .task import Task, language_model_summary, language_model_task, loss_token_count
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint needs beyond weights and optimizer to continue exactly."""
-
-    step: int = 0               # optimizer steps done
-    consumed_samples: int = 0   # global samples consumed (the data position)
-    tokens: int = 0             # tokens trained on
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -169,8 +159,6 @@ def evaluate(chunks, eval_sets: dict, loss_fn, cfg, mesh, task: Task | None = No
 
 
 def train(cfg: Config, mesh: ParallelMesh, task: Task | None = None) -> TrainResult:
-    from ..checkpoint.manager import CheckpointManager
-
     run_dir = Path(cfg.run_dir)
     if mesh.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
