@@ -119,3 +119,16 @@ def test_value_model_starts_from_a_language_model(tmp_path, source):
             assert torch.equal(v, init_parameter("score.weight", (1, 64), cfg.model, cfg.train.seed))
         else:
             assert torch.equal(v, lm[k]), k
+
+
+def test_normalization_is_recorded_with_the_checkpoint_and_exported(tmp_path):
+    from megatron_jinpan.checkpoint.format import verify_checkpoint
+    from megatron_jinpan.posttrain.reward import add_checkpoint_meta, normalization_of
+
+    _write(tmp_path / "rm", get_model_config("debug", head="value"), seed=2)
+    stats = {"mean": 0.25, "std": 1.5, "count": 10, "sets": ["valid"]}
+    add_checkpoint_meta(tmp_path / "rm", {"reward_normalization": stats})
+    verify_checkpoint(tmp_path / "rm")  # manifest re-sealed: checksums still hold
+    assert normalization_of(tmp_path / "rm") == stats
+    mj_to_hf(tmp_path / "rm", tmp_path / "hf", task="reward", progress=False)
+    assert normalization_of(tmp_path / "hf") == stats
