@@ -93,7 +93,10 @@ class DataConfig:
     pack: bool = False  # packed documents with per-document attention (cu_seqlens)
     mock: bool = False  # synthetic tokens (tests and benchmarks only)
     cache_dir: str | None = None
+    # Training micro-batches of the next `prefetch` steps are prepared in the background (data/prefetch.py)
+    # by `num_workers` threads (0 = one); prefetch 0 = read in the loop. Results are identical either way.
     num_workers: int = 0
+    prefetch: int = 2
 
 
 @dataclass

@@ -59,6 +59,13 @@ def max_memory_gb(device: torch.device) -> float:
         return 0.0
 
 
+def pin_memory(value):
+    """A page-locked copy of a host tensor (so host-to-GPU copies are asynchronous); anything else as is."""
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and accelerator_available():
+        return value.pin_memory()
+    return value
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -22,6 +22,7 @@ import torch
 from .. import device as devices
 from ..checkpoint.manager import CheckpointManager
 from ..config import Config
+from ..data.prefetch import Prefetcher
 from ..parallel import comm
 from ..parallel.mesh import ParallelMesh
 from ..parallel.optimizer import build_optimizer
@@ -178,6 +179,8 @@ def train(cfg: Config, mesh: ParallelMesh, task: Task | None = None) -> TrainRes
     peak = devices.peak_tflops(mesh.device)
     writer = MetricsWriter(run_dir, mesh.is_logging_rank, t.steps, state.step, cfg.log.progress, cfg.log.tensorboard)
     detector = StragglerDetector(cfg, mesh, chunks)
+    prefetcher = Prefetcher(train_data, state.step, mesh.dp_rank, mesh.dp, mesh.device, cfg.data.prefetch,
+                            cfg.data.num_workers, stop=t.steps)
     records = []
     checkpoints.install_signal_handler()
     try:
@@ -186,7 +189,7 @@ def train(cfg: Config, mesh: ParallelMesh, task: Task | None = None) -> TrainRes
             start = time.perf_counter()
             lr = learning_rate(step, cfg.optim, t.steps)
             with detector.step():
-                microbatches = [to_device(mb, mesh.device) for mb in train_data.microbatches(step, mesh.dp_rank, mesh.dp)]
+                microbatches = [to_device(mb, mesh.device) for mb in prefetcher.get(step)]
                 data_time = time.perf_counter() - start
                 detector.add_data_time(data_time)
                 if task.prepare is not None:
@@ -218,5 +221,6 @@ def train(cfg: Config, mesh: ParallelMesh, task: Task | None = None) -> TrainRes
                 break
         checkpoints.save_final(state, chunks, optimizer)
     finally:
+        prefetcher.close()
         writer.close()
     return TrainResult(records, chunks, mesh, optimizer, state)
