@@ -424,6 +424,8 @@ class PairData:
         for s, (store, (lo, hi)) in enumerate(zip(stores, ranges)):
             ks = np.arange(lo, hi)
             fits = store.lengths[lo:hi].max(axis=1) <= self.seq_len
+            if self.pack and cfg.train.micro_batch == 1:  # one row per micro-batch holds both sides
+                fits &= store.lengths[lo:hi].sum(axis=1) <= self.seq_len
             self.dropped += int((~fits).sum())
             index += [(s, int(k)) for k in ks[fits]]
         if not index:
@@ -433,6 +435,7 @@ class PairData:
         self.lengths = np.stack([stores[s].lengths[k] for s, k in index])
         self._epochs: dict[int, list[list[int]]] = {}
         self._counts: dict[int, int] = {}
+        self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -440,7 +443,12 @@ class PairData:
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self.index))
-        return np.random.default_rng([int(self.cfg.train.seed), int(epoch), 0x9A125]).permutation(len(self.index))
+        if epoch not in self._orders:  # memoised: the last two epochs (a step may straddle two)
+            self._orders[epoch] = np.random.default_rng([int(self.cfg.train.seed), int(epoch), 0x9A125]).permutation(
+                len(self.index))
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+        return self._orders[epoch]
 
     def _groups(self, epoch: int) -> list[list[int]]:
         """Packed micro-batches of one epoch (memoised; a pure function of the epoch)."""
