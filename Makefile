@@ -4,7 +4,7 @@ PYTHON ?= python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench-smoke clean
+.PHONY: install demo test test-gpu bench-smoke bench-gpu clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==$(TORCH_VERSION)
@@ -22,6 +22,10 @@ test-gpu: install
 
 bench-smoke: install
 	$(PYTHON) benchmarks/kernels.py --smoke
+
+# every GPU measurement on one lent GPU (<= 8 min); installs missing packages from .gpu-wheels
+bench-gpu:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_all.sh
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache
