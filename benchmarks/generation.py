@@ -11,7 +11,8 @@ same batch, prompt length and number of new tokens:
 Rows report new tokens per second (batch * new tokens / wall time, prefill
 included), the ratios ours/hf and ours/no_cache, and whether ours and hf
 produced the same tokens. Goals: >= 1.0x hf on CPU, and >= 5x no_cache at
-256 new tokens. Each timing is the best of --repeats runs after a warm-up.
+256 new tokens. Each timing is the best of --repeats rounds after a warm-up, the providers
+alternating within a round (fair on a shared, busy machine).
 """
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", default="64,256", help="comma list of new-token counts")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: 1 on CPU, where a shared machine makes OpenMP spin)")
     p.add_argument("--no-cache-max", type=int, default=256, help="skip no_cache above this many new tokens")
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/generation_<device>.csv)")
     return p.parse_args(argv)
@@ -72,21 +75,26 @@ def no_cache_decode(model, tokens: torch.Tensor, new_tokens: int) -> torch.Tenso
     return tokens
 
 
-def best_time(fn, repeats: int, device) -> tuple[float, object]:
-    result = fn()  # warm-up
-    best = float("inf")
+def best_times(fns: dict, repeats: int, device) -> tuple[dict, dict]:
+    """Best wall time of each provider over `repeats` rounds after a warm-up. Providers alternate within
+    a round, so a busy machine slows them alike rather than whichever happened to run during a spike."""
+    results = {name: fn() for name, fn in fns.items()}  # warm-up
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        devices.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        devices.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for name, fn in fns.items():
+            devices.synchronize(device)
+            start = time.perf_counter()
+            results[name] = fn()
+            devices.synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = devices.resolve_device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     cfg = get_model_config(args.model)
     model = init_weights(Llama(cfg), seed=0).to(device=device, dtype=dtype).eval()
@@ -98,15 +106,16 @@ def main(argv=None) -> None:
         for new in [int(x) for x in args.new_tokens.split(",")]:
             prompts = torch.randint(3, cfg.vocab_size, (batch, args.prompt_len),
                                     generator=torch.Generator().manual_seed(batch)).to(device)
-            ours_t, ours = best_time(lambda: generate([model], mesh, prompts.tolist(), max_new_tokens=new,
-                                                      eos_id=None), args.repeats, device)
-            hf_t, hf_out = best_time(lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts),
-                                                         max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                                         eos_token_id=None, pad_token_id=0), args.repeats, device)
-            same = ours.responses == hf_out[:, args.prompt_len:].tolist()
-            nc_t = None
+            fns = {
+                "ours": lambda: generate([model], mesh, prompts.tolist(), max_new_tokens=new, eos_id=None),
+                "hf": lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                                          min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0),
+            }
             if new <= args.no_cache_max:
-                nc_t, _ = best_time(lambda: no_cache_decode(model, prompts, new), 1, device)
+                fns["no_cache"] = lambda: no_cache_decode(model, prompts, new)
+            best, out = best_times(fns, args.repeats, device)
+            ours_t, hf_t, nc_t = best["ours"], best["hf"], best.get("no_cache")
+            same = out["ours"].responses == out["hf"][:, args.prompt_len:].tolist()
             tokens = batch * new
             row = {"model": args.model, "dtype": args.dtype, "batch": batch, "prompt_len": args.prompt_len,
                    "new_tokens": new, "ours_tok_s": round(tokens / ours_t, 1), "hf_tok_s": round(tokens / hf_t, 1),

@@ -125,8 +125,11 @@ def _buffer(n_prompts: int, n_samples: int):
 
 
 def _ppo_overrides(advantage: str, n_samples: int):
-    return ["model.name=debug", "train.device=cpu", "train.micro_batch=1", "train.seed=7", "optim.lr=5e-3",
-            "optim.warmup=0", "optim.schedule=constant", "optim.weight_decay=0.0", "ppo.mini_batch=4",
+    # Adam's eps at 1e-6: with 1e-8 an element whose gradient is ~1e-9 (fp32 summation-order noise
+    # between layouts) moves by up to lr in either direction, which would test Adam, not the layout.
+    return ["model.name=debug", "train.device=cpu", "train.micro_batch=1", "train.seed=7", "optim.lr=2e-3",
+            "optim.warmup=0", "optim.schedule=constant", "optim.weight_decay=0.0", "optim.eps=1e-6",
+            "ppo.mini_batch=4",
             "ppo.rollout_batch=" + str(8 // n_samples), f"ppo.n_samples={n_samples}", "ppo.epochs=2",
             f"ppo.advantage={advantage}", "ppo.kl_coef=0.1", "ppo.kl_estimator=k3", "ppo.entropy_coef=0.01",
             "ppo.temperature=0.9", "ppo.clip=0.05", "ppo.value_clip=0.05", "log.progress=false", "log.tensorboard=false"]

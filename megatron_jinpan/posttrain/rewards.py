@@ -43,3 +43,18 @@ def arithmetic(prompts: list[str], responses: list[str]) -> list[float]:
         want = a + b if op == "+" else a - b if op == "-" else a * b
         out.append(1.0 if int(got.group()) == want else 0.0)
     return out
+
+
+def demo_answer(prompts: list[str], responses: list[str]) -> list[float]:
+    """The tiny RLHF demo's rule check (launch/rlhf_demo.sh): arithmetic prompts ('Compute 3 + 4.')
+    score 1 for the right number; reading prompts ('... spends 94 minutes ...') score 1 when the answer's
+    first number is the one in the prompt; 0 otherwise."""
+    out = []
+    for prompt, text in zip(prompts, responses):
+        if re.search(r"-?\d+\s*[-+*]\s*-?\d+", prompt):
+            out.extend(arithmetic([prompt], [text]))
+            continue
+        want = re.findall(r"\d+(?:\.\d+)?", prompt)
+        got = re.findall(r"\d+(?:\.\d+)?", text)
+        out.append(1.0 if want and got and got[0] in want else 0.0)
+    return out
