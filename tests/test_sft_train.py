@@ -183,13 +183,14 @@ def test_generation_accuracy_counts_exact_and_contained_answers(monkeypatch):
     from megatron_jinpan.posttrain import generation
 
     tok = types.SimpleNamespace(eos_id=2, vocab_size=100, decode=lambda ids: " ".join(str(i) for i in ids))
-    examples = [sft.GenerationExample([1], "7", "a"), sft.GenerationExample([1], "8", "b"),
-                sft.GenerationExample([1], "9", "c")]
+    examples = [sft.GenerationExample([1], "7", "a", "finance"), sft.GenerationExample([1], "8", "b", "general"),
+                sft.GenerationExample([1], "9", "c", "general")]
     replies = [[7, 2], [5, 8, 2], [3, 150, 2]]  # exact; contains only; wrong (150: a padded-vocab id, dropped)
     monkeypatch.setattr(generation, "generate", lambda *a, **k: generation.GenerationOutput(replies, [], []))
     mesh = types.SimpleNamespace(dp_rank=0, dp=1, dp_group=None, device=torch.device("cpu"))
     out = sft.generation_accuracy(None, mesh, examples, tok, 4)
-    assert out == {"eval_exact_match": pytest.approx(1 / 3), "eval_contains": pytest.approx(2 / 3)}
+    assert out == {"eval_exact_match": pytest.approx(1 / 3), "eval_contains": pytest.approx(2 / 3),
+                   "eval_exact_match_finance": 1.0, "eval_exact_match_general": 0.0}
     assert sft.normalize_answer(" 12.5 ") == sft.normalize_answer("１２.５。") == "12.5"
 
 

@@ -66,6 +66,7 @@ class GenerationExample:
     prompt: list[int]
     reference: str
     where: str
+    group: str | None = None  # the line's "domain" field, if any: also reported per group
 
 
 def normalize_answer(text: str) -> str:
@@ -96,7 +97,9 @@ def load_generation_examples(path: str, template, tokenizer, max_len: int, max_n
             raise ConfigError(f"{where}: the prompt has {len(prompt)} tokens + sft.eval_max_new_tokens="
                               f"{max_new_tokens} > model.max_seq_len={max_len}; shorten it or lower "
                               "sft.eval_max_new_tokens")
-        out.append(GenerationExample(prompt, messages[last]["content"], where))
+        group = record.get("domain")
+        out.append(GenerationExample(prompt, messages[last]["content"], where,
+                                     str(group) if isinstance(group, (str, int)) else None))
         if limit and len(out) >= limit:
             break
     if not out:
@@ -106,24 +109,31 @@ def load_generation_examples(path: str, template, tokenizer, max_len: int, max_n
 
 def generation_accuracy(chunks, mesh, examples: list[GenerationExample], tokenizer, max_new_tokens: int,
                         autocast=None) -> dict:
-    """Greedy answers to `examples` -> eval_exact_match / eval_contains over all of them (each DP
-    replica answers its share; the counts are summed over DP). Same result on every rank."""
+    """Greedy answers to `examples` -> eval_exact_match / eval_contains over all of them, and
+    eval_exact_match_<group> per `domain` group when the examples have one (each DP replica answers
+    its share; the counts are summed over DP). Same result on every rank."""
     from ..parallel import comm
     from .generation import generate
 
+    groups = sorted({e.group for e in examples if e.group is not None})
     mine = examples[mesh.dp_rank::mesh.dp]
     out = generate(chunks, mesh, [e.prompt for e in mine], max_new_tokens=max_new_tokens, greedy=True,
                    eos_id=tokenizer.eos_id, autocast=autocast)
-    exact = contains = 0
+    # rows: all, then each group; columns: exact, contains, count
+    counts = torch.zeros(1 + len(groups), 3, dtype=torch.float64, device=mesh.device)
     for example, response in zip(mine, out.responses):
         # ids past the tokenizer (the model's padded vocab rows) cannot be decoded; they are never right
         ids = [t for t in response if t != tokenizer.eos_id and 0 <= t < tokenizer.vocab_size]
         answer, reference = normalize_answer(tokenizer.decode(ids)), normalize_answer(example.reference)
-        exact += int(answer == reference)
-        contains += int(reference in answer)
-    counts = torch.tensor([exact, contains], dtype=torch.float64, device=mesh.device)
+        row = torch.tensor([answer == reference, reference in answer, 1], dtype=torch.float64)
+        counts[0] += row
+        if example.group is not None:
+            counts[1 + groups.index(example.group)] += row
     comm.all_reduce(counts, mesh.dp_group)
-    return {"eval_exact_match": float(counts[0]) / len(examples), "eval_contains": float(counts[1]) / len(examples)}
+    result = {"eval_exact_match": float(counts[0, 0] / counts[0, 2]), "eval_contains": float(counts[0, 1] / counts[0, 2])}
+    for i, group in enumerate(groups, 1):
+        result[f"eval_exact_match_{group}"] = float(counts[i, 0] / counts[i, 2])
+    return result
 
 
 # ---------------------------------------------------------------- the task
