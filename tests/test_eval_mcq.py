@@ -9,7 +9,7 @@ import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import megatron_jinpan.eval  # noqa: E402,F401  (registers "jinpan")
-from eval_fixtures import exam_dir, hf_and_ours  # noqa: E402
+from eval_fixtures import exam_dir, hf_and_ours, trained_run  # noqa: E402
 from megatron_jinpan.eval.engine import EvalError  # noqa: E402
 from megatron_jinpan.eval.harness import run_harness  # noqa: E402
 from megatron_jinpan.eval.local_tasks import write_exam_tasks  # noqa: E402
@@ -49,20 +49,36 @@ def test_jinpan_matches_hf_in_process(setup):
     assert _accs(results) == _accs(reference)
 
 
-def test_cli_tp2_pp2_matches_hf(setup, tmp_path):
-    """(tp, pp, dp) = (2, 2, 1) through `jinpan eval mcq --nproc 4`: lm-eval's files, the same numbers."""
-    from megatron_jinpan.cli import main
+def _tp2_pp2_worker(opts: dict) -> None:
+    """One set of 4 worker processes for both engine paths: eval ppl, then eval mcq, on one (2, 2, 1) mesh."""
+    from megatron_jinpan.eval.commands import _mcq_entry
+    from megatron_jinpan.eval.engine import EvalModel, open_mesh
+    from megatron_jinpan.eval.ppl import run_ppl
+
+    mesh = open_mesh(2, 2, "cpu")
+    run_ppl({**opts["ppl"], "mesh": mesh, "keep_open": True})
+    _mcq_entry({**opts["mcq"], "model": EvalModel.open(opts["mcq"]["checkpoint"], mesh=mesh)})  # closes the mesh
+
+
+def test_layout_tp2_pp2(setup, tmp_path):
+    """(tp, pp, dp) = (2, 2, 1) on 4 processes: `eval mcq` writes lm-eval's files with the `hf` model's
+    numbers, and `eval ppl` gives the training loop's eval_loss of the same checkpoint."""
+    from megatron_jinpan.eval.commands import run_on_ranks
+    from megatron_jinpan.eval.local_tasks import write_exam_tasks
 
     root, ours, _, group, reference = setup
+    run_dir, records = trained_run(root)
     out = tmp_path / "out"
-    assert main(["eval", "mcq", "--checkpoint", str(ours), "--exam", str(root / "exam"), "--exam-name", "toy",
-                 "--num_fewshot", "1", "--batch_size", "4", "--log_samples", "--output_path", str(out),
-                 "--tp", "2", "--pp", "2", "--nproc", "4"]) == 0
+    write_exam_tasks(root / "exam", out / "tasks", name="toy", num_fewshot=1)
+    mcq = {"checkpoint": str(ours), "tasks": [group], "include_path": [str(out / "tasks")], "num_fewshot": 1,
+           "batch_size": 4, "log_samples": True, "output_path": str(out), "tp": 2, "pp": 2}
+    ppl = {"checkpoint": str(run_dir), "eval_iters": 2, "output": str(tmp_path / "ppl")}
+    run_on_ranks(_tp2_pp2_worker, {"tp": 2, "pp": 2, "mcq": mcq, "ppl": ppl}, nproc=4)
+
     results = json.loads(open(glob.glob(str(out / "jinpan" / "results_*.json"))[0]).read())
     samples = {}
     for path in glob.glob(str(out / "jinpan" / "samples_*.jsonl")):
-        rows = [json.loads(line) for line in open(path)]
-        samples[path.split("samples_")[1].rsplit("_", 1)[0]] = rows
+        samples[path.split("samples_")[1].rsplit("_", 1)[0]] = [json.loads(line) for line in open(path)]
     mine, theirs = _lls(samples), _lls(reference["samples"])
     assert mine.keys() == theirs.keys()
     for key in theirs:
@@ -71,6 +87,10 @@ def test_cli_tp2_pp2_matches_hf(setup, tmp_path):
     report = json.loads((out / "mcq.json").read_text())
     assert [r["task"] for r in report["rows"]] == ["toy", "toy_accounting", "toy_banking"]
     assert report["rows"][0]["n"] == 10 and "| toy_banking |" in (out / "mcq.md").read_text()
+
+    rows = {r["set"]: r for r in json.loads((tmp_path / "ppl" / "ppl.json").read_text())["rows"]}
+    for name in ("zh", "en"):
+        assert rows[name]["loss"] == pytest.approx(records[-1][f"eval_loss_{name}"], rel=1e-5)
 
 
 def test_acc_norm_hand_made(setup, tmp_path):

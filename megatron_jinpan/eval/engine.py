@@ -8,10 +8,12 @@
 Every rank calls every method with the SAME requests (so the collectives of
 the tensor/pipeline groups line up) and gets the same answers back. Requests
 are cut into batches; each data-parallel replica runs a share of the batches
-and the answers are gathered. Log-probabilities come from the vocab-parallel
-logits through `vocab_parallel_cross_entropy` (the training loss: no rank ever
-holds the full-vocabulary logits), run by `forward_backward(forward_only=True)`,
-so any pipeline schedule works.
+and the answers are gathered. Log-probabilities are read from the vocab-parallel
+logits at the scored positions only, with the all-reduces of the training
+cross-entropy (no rank ever holds full-vocabulary logits), run by
+`forward_backward(forward_only=True)`, so any pipeline schedule works. Options
+of a multiple-choice question that share the context and are one token long
+share one row (one forward for all four letters).
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ from .. import device as devices
 from ..config import ConfigError
 from ..parallel import comm
 from ..parallel.mesh import ParallelMesh
-from ..parallel.tensor import vocab_parallel_cross_entropy
 from ..training.schedules import forward_backward
 
 
@@ -70,32 +71,35 @@ def open_mesh(tp: int, pp: int, device: str = "auto") -> ParallelMesh:
 
 
 # ---------------------------------------------------------------- the scoring loss
-def _vocab_parallel_greedy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, mesh) -> torch.Tensor:
-    """[b, s] bool: the label is the arg-max of the (vocab-split) logits; padding columns never win."""
-    x = logits.float()
+def _score_loss(output, mb, *, vocab_size: int, mesh):
+    """Sum of log p(label) per scored target and whether each of its tokens was the arg-max.
+
+    Only the scored positions are read: `t_row`/`t_pos` pick them out of the vocab-split logits
+    [b, s, V/tp], `t_label` are their labels and `t_owner` the target (request) each belongs to. The
+    log-softmax normaliser and the arg-max go over the whole vocabulary with two small TP all-reduces
+    (max, sum of exp) and a third for the label's logit, as in `vocab_parallel_cross_entropy`; no rank
+    holds full-vocabulary logits. Padded vocabulary columns never count."""
+    x = output[mb["t_row"], mb["t_pos"]].float()  # [N, V/tp]
     tp = mesh.tp
     start = mesh.tp_rank * x.shape[-1] if tp > 1 else 0
-    valid = vocab_size - start
-    if valid < x.shape[-1]:
-        x = x.clone()
-        x[..., max(valid, 0):] = float("-inf")
+    if vocab_size - start < x.shape[-1]:
+        x[:, max(vocab_size - start, 0):] = float("-inf")
     top = x.max(dim=-1).values
-    outside = (labels < start) | (labels >= start + x.shape[-1])
-    target = x.gather(-1, (labels - start).masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1)
-    target = target.masked_fill(outside, 0.0)
     if tp > 1:
         comm.all_reduce(top, mesh.tp_group, op=torch.distributed.ReduceOp.MAX)
+    sum_exp = (x - top.unsqueeze(-1)).exp().sum(-1)
+    labels = mb["t_label"]
+    outside = (labels < start) | (labels >= start + x.shape[-1])
+    target = x.gather(-1, (labels - start).masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+    if tp > 1:
+        comm.all_reduce(sum_exp, mesh.tp_group)
         comm.all_reduce(target, mesh.tp_group)
-    return target >= top
-
-
-def _score_loss(output, mb, *, vocab_size: int, mesh):
-    """Per-row sum of log p(label) over the scored positions and whether every one was the arg-max."""
-    logprobs = -vocab_parallel_cross_entropy(output, mb["labels"], vocab_size, mesh)
-    mask = mb["loss_mask"].to(logprobs.dtype)
-    greedy = _vocab_parallel_greedy(output, mb["labels"], vocab_size, mesh) | (mask == 0)
-    row_logprob = (logprobs * mask).sum(-1)
-    return row_logprob.sum(), {"row_logprob": row_logprob.double(), "row_greedy": greedy.all(-1).double()}
+    logprob = (target - top - sum_exp.log()).double()
+    missed = (target < top).double()  # not the greedy token
+    n = mb["n_targets"]
+    per_target = torch.zeros(n, dtype=torch.float64, device=x.device).index_add_(0, mb["t_owner"], logprob)
+    misses = torch.zeros(n, dtype=torch.float64, device=x.device).index_add_(0, mb["t_owner"], missed)
+    return per_target.sum(), {"target_logprob": per_target, "target_greedy": (misses == 0).double()}
 
 
 def _pad_to(n: int, multiple: int = 8) -> int:
@@ -183,50 +187,71 @@ class EvalModel:
         """(log p(continuation | context), continuation is the greedy decode) per (context, continuation) ids.
 
         context + continuation longer than max_length + 1 is cut on the left (the continuation is
-        kept whole, like lm-eval's `hf` model); the context must hold at least one token."""
+        kept whole, like lm-eval's `hf` model); the context must hold at least one token. Requests with
+        the same context and a one-token continuation (the options A/B/C/D of an exam question) share
+        one row: the context is run once and each option read at its last position."""
+        L = self.max_length
+        rows: list[dict] = []
+        shared: dict = {}
         for i, (ctx, cont) in enumerate(requests):
             if not ctx:
                 raise EvalError(f"request {i}: empty context; start it with BOS (lm-eval does this)")
             if not cont:
                 raise EvalError(f"request {i}: empty continuation; nothing to score")
-            if len(cont) > self.max_length:
+            if len(cont) > L:
                 raise EvalError(f"request {i}: continuation of {len(cont)} tokens exceeds the model's "
-                                f"max_seq_len={self.max_length}")
+                                f"max_seq_len={L}")
+            full = (list(ctx) + list(cont))[-(L + 1):]
+            n = len(full) - 1
+            target = (i, n - len(cont), list(cont))  # (request, first scored position, labels)
+            if len(cont) == 1:
+                key = tuple(full[:-1])
+                if key in shared:
+                    shared[key]["targets"].append(target)
+                    continue
+                shared[key] = row = {"tokens": full[:-1], "targets": [target]}
+            else:
+                row = {"tokens": full[:-1], "targets": [target]}
+            rows.append(row)
         # Longest first: similar lengths share a batch (less padding), a failure to fit shows at once.
-        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        flat = self._run_sharded(batches, lambda b: self._score_batch([requests[i] for i in b]))
+        rows.sort(key=lambda r: -len(r["tokens"]))
+        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
         out: list = [None] * len(requests)
-        for i, r in zip([i for b in batches for i in b], flat):
-            out[i] = r
+        for (req, _, _), result in zip([t for b in batches for r in b for t in r["targets"]],
+                                       self._run_sharded(batches, self._score_batch)):
+            out[req] = result
         return out
 
-    def _score_batch(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _score_batch(self, rows: list[dict]) -> list[tuple[float, bool]]:
+        """One forward_backward over rows; results per target, in row order."""
         import functools
 
-        L = self.max_length
-        seqs = [(list(ctx) + list(cont))[-(L + 1):] for ctx, cont in rows]
-        width = min(_pad_to(max(len(s) - 1 for s in seqs)), L)
+        width = min(_pad_to(max(len(r["tokens"]) for r in rows)), self.max_length)
         if self.cfg.parallel.sp and self.mesh.tp > 1:
             width = -(-width // self.mesh.tp) * self.mesh.tp
         mb = self.micro_batch or max(1, -(-len(rows) // self.mesh.pp))
         n_mb = -(-len(rows) // mb)
         if self.cfg.parallel.pp_schedule == "interleaved" and self.mesh.pp > 1:
             n_mb = -(-n_mb // self.mesh.pp) * self.mesh.pp  # that schedule needs a multiple of pp
-        n_rows = n_mb * mb
-        tokens = torch.zeros(n_rows, width, dtype=torch.long)
-        labels = torch.zeros(n_rows, width, dtype=torch.long)
-        mask = torch.zeros(n_rows, width, dtype=torch.float32)
-        for r, (seq, (_, cont)) in enumerate(zip(seqs, rows)):
-            n = len(seq) - 1
-            tokens[r, :n] = torch.tensor(seq[:-1])
-            labels[r, :n] = torch.tensor(seq[1:])
-            mask[r, n - len(cont):n] = 1.0
-        positions = torch.arange(width).expand(n_rows, width).contiguous()
         dev = self.mesh.device
-        microbatches = [{"tokens": tokens[i:i + mb].to(dev), "labels": labels[i:i + mb].to(dev),
-                         "loss_mask": mask[i:i + mb].to(dev), "position_ids": positions[i:i + mb].to(dev)}
-                        for i in range(0, n_rows, mb)]
+        microbatches = []
+        for m in range(n_mb):
+            tokens = torch.zeros(mb, width, dtype=torch.long)
+            t_row, t_pos, t_label, t_owner = [], [], [], []
+            n_targets = 0
+            for r, row in enumerate(rows[m * mb:(m + 1) * mb]):
+                tokens[r, :len(row["tokens"])] = torch.tensor(row["tokens"])
+                for _, first, labels in row["targets"]:
+                    t_row += [r] * len(labels)
+                    t_pos += range(first, first + len(labels))
+                    t_label += labels
+                    t_owner += [n_targets] * len(labels)
+                    n_targets += 1
+            as_long = functools.partial(torch.tensor, dtype=torch.long, device=dev)
+            microbatches.append({"tokens": tokens.to(dev), "position_ids": torch.arange(width, device=dev).expand(mb, width),
+                                 "t_row": as_long(t_row), "t_pos": as_long(t_pos), "t_label": as_long(t_label),
+                                 "t_owner": as_long(t_owner), "n_targets": n_targets})
+        total = sum(m["n_targets"] for m in microbatches)
         loss_fn = functools.partial(_score_loss, vocab_size=self.cfg.model.vocab_size, mesh=self.mesh)
         with torch.no_grad():
             results = forward_backward(self.chunks, microbatches, loss_fn, self.mesh,
@@ -234,10 +259,10 @@ class EvalModel:
                                        autocast=self._autocast)
         values = None
         if self.mesh.is_last_stage:
-            values = torch.stack([torch.cat([r["row_logprob"] for r in results]),
-                                  torch.cat([r["row_greedy"] for r in results])], dim=1).to(torch.float64)
-        values = self._from_last_stage(values, (n_rows, 2)).cpu()
-        return [(float(values[r, 0]), bool(values[r, 1] > 0.5)) for r in range(len(rows))]
+            values = torch.stack([torch.cat([r["target_logprob"] for r in results]),
+                                  torch.cat([r["target_greedy"] for r in results])], dim=1).to(torch.float64)
+        values = self._from_last_stage(values, (total, 2)).cpu()
+        return [(float(values[k, 0]), bool(values[k, 1] > 0.5)) for k in range(total)]
 
     # ------------------------------------------------------------ generation
     def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int = 64, greedy: bool = True,

@@ -128,7 +128,7 @@ def run_ppl(opts: dict) -> dict | None:
     elif not (cfg.data.valid or cfg.data.blend) or cfg.data.mock:
         raise EvalError(f"checkpoint {checkpoint} has no held-out sets in its config; pass --data NAME=PREFIX_OR_JSONL")
     model = EvalModel.open(checkpoint, int(opts.get("tp", 1)), int(opts.get("pp", 1)), device=opts.get("device", "auto"),
-                           dtype=opts.get("dtype", "fp32"), need_tokenizer=False, cfg=cfg)
+                           dtype=opts.get("dtype", "fp32"), need_tokenizer=False, cfg=cfg, mesh=opts.get("mesh"))
     mesh, cfg = model.mesh, model.cfg
     gb, mb = cfg.train.global_batch, cfg.train.micro_batch
     if gb % (mb * mesh.dp):
