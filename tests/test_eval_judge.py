@@ -177,3 +177,32 @@ def test_parsers():
         parse_scores("Answer 1: 7")
     with pytest.raises(Exception, match="outside"):
         parse_scores("[[0]] [[11]]")
+
+
+def test_reward_model_judge(tmp_path):
+    """Local judge: `jinpan reward score` on (question, candidate) vs (question, reference)."""
+    import dataclasses
+
+    import torch
+
+    from eval_fixtures import tokenizer
+    from megatron_jinpan.checkpoint.convert import write_weights_checkpoint
+    from megatron_jinpan.checkpoint.format import model_shapes
+    from megatron_jinpan.eval.judge import run_reward_judge
+    from megatron_jinpan.models import Llama, get_model_config, init_weights
+
+    tok = tokenizer(tmp_path)
+    cfg = dataclasses.replace(get_model_config("debug"), vocab_size=320, head="value")
+    state = dict(init_weights(Llama(cfg), seed=3).state_dict())
+    state["score.weight"] = torch.randn(1, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    rm = write_weights_checkpoint(tmp_path / "rm", cfg, {k: (s, torch.float32) for k, s in model_shapes(cfg).items()},
+                                  lambda k: state[k], tokenizer_src=tok, progress=False)
+    pairs = [{"id": 0, "question": "利润 是", "reference": "银行 上涨", "candidate": "the market rose"},
+             {"id": 1, "question": "bond", "reference": "same", "candidate": "same"}]
+    records = run_reward_judge(pairs, rm, tmp_path / "j1")
+    assert records[1]["outcome"] == "tie" and records[1]["candidate_score"] == records[1]["reference_score"]
+    swapped = [{**p, "reference": p["candidate"], "candidate": p["reference"]} for p in pairs]
+    again = run_reward_judge(swapped, rm, tmp_path / "j2")
+    assert again[0]["candidate_score"] == pytest.approx(records[0]["reference_score"], abs=1e-5)
+    assert {records[0]["outcome"], again[0]["outcome"]} == {"win", "loss"}
+    assert summarize(records)["n"] == 2
