@@ -86,6 +86,10 @@ def cmd_memory(args) -> int:
               f"{s['model_params'] / 1e9:.2f}B); optimizer states {s['optimizer_bytes'] / gib:.3f} GiB vs "
               f"{s['full_ft_optimizer_bytes'] / gib:.1f} GiB for full fine-tuning "
               f"({'Adam m+v 8' if args.weights == 'fp32' else 'fp32 master+m+v 12'} B/trainable param, whole model)")
+    if getattr(args, "ppo", False):  # actor/critic/reference/reward/KV cache on one layout (posttrain/ppo_memory.py)
+        from ..posttrain.ppo_memory import describe
+
+        print(describe(cfg, world, args.weights))
     z = zero_optimizer_saving(cfg.model, dp=args.zero_dp)
     print(f"ZeRO-1 optimizer states ({cfg.model.name}, {z['params'] / 1e9:.2f}B params, fp32 master + Adam m,v = "
           f"12 B/param): {z['optimizer_gb_zero0']:.1f} GiB -> {z['optimizer_gb_zero1']:.1f} GiB per GPU at "
@@ -127,6 +131,7 @@ def register(subparsers) -> None:
     p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
                    help="fp32: this engine (fp32 weights, bf16 autocast); bf16: bf16 weights + fp32 master")
     p.add_argument("--zero-dp", type=int, default=8, help="dp for the ZeRO optimizer-saving line")
+    p.add_argument("--ppo", action="store_true", help="also the memory of every PPO role (ppo.* of the config)")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_memory, accepts_overrides=True)
 
