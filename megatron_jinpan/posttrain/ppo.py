@@ -80,6 +80,9 @@ def check_ppo_config(cfg, world_size: int) -> None:
     if p.n_samples > 1 and (p.mini_batch // dp) % p.n_samples:
         raise PPOError(f"ppo.mini_batch/dp={p.mini_batch // dp} must be a multiple of ppo.n_samples="
                        f"{p.n_samples} (whole groups per mini-batch)")
+    if cfg.parallel.pp_schedule == "interleaved" and cfg.parallel.pp > 1 and (p.mini_batch // dp // t.micro_batch) % cfg.parallel.pp:
+        raise PPOError(f"the interleaved schedule needs the micro-batches per mini-batch (ppo.mini_batch/dp/"
+                       f"train.micro_batch = {p.mini_batch // dp // t.micro_batch}) divisible by parallel.pp")
     if p.advantage == "grpo" and p.n_samples < 2:
         raise PPOError("ppo.advantage=grpo needs ppo.n_samples >= 2 (a group of responses per prompt)")
     if p.temperature <= 0:
