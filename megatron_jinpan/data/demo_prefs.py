@@ -9,7 +9,8 @@ Writes (skipping what exists):
 Prompts come from the SFT demo's task generators (data/demo_sft.py: reading, translation, one-digit
 sums, figures, metric direction, tickers, gross profit; zh and en). The chosen answer is the correct
 one; the rejected answer is one of
-  wrong       (50%) an answer of the right form that is false: another number, city, ticker or direction
+  wrong       (20%) an answer of the right form that is false: another number, city, ticker or direction
+  irrelevant  (30%) a well-formed answer to a different question (a city for a sum, a ticker for a story)
   evasive     (25%) a refusal or a non-answer ("I'm not sure.", "这个问题我无法回答。")
   degenerate  (25%) a repeated fragment, or the answer cut off and trailing into noise
 Lines alternate between the record forms users bring: {"prompt": [messages], "chosen": str,
@@ -29,6 +30,10 @@ SETS = {"train": 4000, "valid": 400}
 EVASIVE = {"zh": ["这个问题我无法回答。", "我不确定，请咨询专业人士。", "抱歉，我不知道。", "无可奉告。"],
            "en": ["I'm not sure.", "I cannot answer that.", "Please ask someone else.", "It depends."]}
 TASKS = {f.__name__.strip("_"): (f, f in FINANCE) for f in GENERAL + FINANCE}
+# Share of each kind of rejected answer. "wrong" (right form, false value) needs the model to check the
+# answer against the story or a memorised fact: the hard part of the set (see docs/reward.md).
+KINDS = ("wrong", "irrelevant", "evasive", "degenerate")
+KIND_WEIGHTS = {"wrong": 0.2, "irrelevant": 0.3, "evasive": 0.25, "degenerate": 0.25}
 
 
 def _wrong(r: random.Random, answer: str, task: str, zh: bool, held: bool, facts: dict) -> str:
@@ -49,6 +54,16 @@ def _wrong(r: random.Random, answer: str, task: str, zh: bool, held: bool, facts
     return EVASIVE["zh" if zh else "en"][0]
 
 
+def _irrelevant(r: random.Random, answer: str, fn, zh: bool, held: bool, facts: dict) -> str:
+    """The answer to a question of another task: well formed, but not an answer to this one."""
+    others = [(f, fin) for f, fin in TASKS.values() if f is not fn]
+    while True:
+        other_fn, finance = r.choice(others)
+        (_, other), _ = other_fn(r, zh, held, facts) if finance else other_fn(r, zh, held)
+        if other != answer:
+            return other
+
+
 def _degenerate(r: random.Random, answer: str) -> str:
     if r.random() < 0.5:
         piece = answer[: max(1, len(answer) // 2)]
@@ -60,10 +75,12 @@ def preference_pair(r: random.Random, facts: dict, held: bool, index: int) -> di
     fn, finance = r.choice(list(TASKS.values()))
     zh = r.random() < 0.5
     (question, answer), _ = fn(r, zh, held, facts) if finance else fn(r, zh, held)
-    kind = r.choices(["wrong", "evasive", "degenerate"], weights=[2, 1, 1])[0]
+    kind = r.choices(KINDS, weights=[KIND_WEIGHTS[k] for k in KINDS])[0]
     task = fn.__name__.strip("_")
     if kind == "wrong":
         bad = _wrong(r, answer, task, zh, held, facts)
+    elif kind == "irrelevant":
+        bad = _irrelevant(r, answer, fn, zh, held, facts)
     elif kind == "evasive":
         bad = r.choice(EVASIVE["zh" if zh else "en"])
     else:
