@@ -116,6 +116,7 @@ class EvalModel:
     checkpoint: str = ""
     micro_batch: int = 0  # rows per micro-batch inside one batch; 0 = batch / pp (fills the pipeline)
     dtype: str = "fp32"
+    share_context: bool = True  # one row for one-token options of the same context (benchmarks turn it off)
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -204,7 +205,7 @@ class EvalModel:
             full = (list(ctx) + list(cont))[-(L + 1):]
             n = len(full) - 1
             target = (i, n - len(cont), list(cont))  # (request, first scored position, labels)
-            if len(cont) == 1:
+            if len(cont) == 1 and self.share_context:
                 key = tuple(full[:-1])
                 if key in shared:
                     shared[key]["targets"].append(target)
