@@ -133,6 +133,7 @@ def build_eval_demo(output, seed: int = 1234, n_dev: int = 5, n_val: int = 40, n
                     n_qa: int = 60, log=print) -> dict:
     """Write the demo eval sets under `output` (skipping existing files); returns their paths."""
     out = Path(output)
+    existed = out.is_dir() and any(out.rglob("*.*"))
     r = random.Random(f"eval-demo:{seed}")
     write_exam_zh(out / "exam", r, n_dev, n_val)
     write_exam_en(out / "exam_en", r, n_dev, n_val)
@@ -143,6 +144,7 @@ def build_eval_demo(output, seed: int = 1234, n_dev: int = 5, n_val: int = 40, n
     if not (out / "qa.jsonl").is_file():
         _write_atomic(out / "qa.jsonl", "".join(json.dumps({"id": i, **qa_item(r)}, ensure_ascii=False) + "\n"
                                                 for i in range(n_qa)))
-    log(f"eval sets in {out}: exam/ exam_en/ sentiment.jsonl qa.jsonl")
+    if not existed:
+        log(f"eval sets in {out}: exam/ exam_en/ sentiment.jsonl qa.jsonl")
     return {"exam": str(out / "exam"), "exam_en": str(out / "exam_en"), "sentiment": str(out / "sentiment.jsonl"),
             "sentiment_dev": str(out / "sentiment_dev.jsonl"), "qa": str(out / "qa.jsonl")}
