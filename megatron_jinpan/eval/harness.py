@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .report import write_json, write_report
+from .report import write_report
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
