@@ -3,8 +3,8 @@
     jinpan data demo --output data/demo          # builds this too, under data/demo/prefs/
 
 Writes (skipping what exists):
-  prefs/train.jsonl, prefs/valid.jsonl     preference pairs (valid: held-out prompts, see below)
-  prefs/train, prefs/valid                 preprocessed with `jinpan preprocess --format pairs` (plain template)
+  prefs/{train,valid,valid_shift}.jsonl    preference pairs (held-out sets: see below)
+  prefs/train, prefs/valid, prefs/valid_shift   preprocessed with `jinpan preprocess --format pairs` (plain template)
 
 Prompts come from the SFT demo's task generators (data/demo_sft.py: reading, translation, one-digit
 sums, figures, metric direction, tickers, gross profit; zh and en). The chosen answer is the correct
@@ -15,7 +15,8 @@ one; the rejected answer is one of
   degenerate  (25%) a repeated fragment, or the answer cut off and trailing into noise
 Lines alternate between the record forms users bring: {"prompt": [messages], "chosen": str,
 "rejected": str} and whole conversations {"chosen": [messages], "rejected": [messages]}.
-The held-out split uses new stories, figures and phrasings (`held=True` in the generators).
+Held-out sets: `valid` holds new pairs from the training templates (new stories, figures, names; none
+of them in train); `valid_shift` uses the SFT demo's held-out phrasings (`held=True`), a harder shift.
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from pathlib import Path
 
 from .demo_sft import FINANCE, GENERAL, fact_table
 
-SETS = {"train": 4000, "valid": 400}
+# valid: new pairs from the training templates (new stories, numbers, names; no pair of train);
+# valid_shift: the SFT demo's held-out phrasings (`held=True`), a harder distribution shift.
+SETS = {"train": 4000, "valid": 400, "valid_shift": 400}
 EVASIVE = {"zh": ["这个问题我无法回答。", "我不确定，请咨询专业人士。", "抱歉，我不知道。", "无可奉告。"],
            "en": ["I'm not sure.", "I cannot answer that.", "Please ask someone else.", "It depends."]}
 TASKS = {f.__name__.strip("_"): (f, f in FINANCE) for f in GENERAL + FINANCE}
@@ -96,9 +99,19 @@ def preference_pair(r: random.Random, facts: dict, held: bool, index: int) -> di
 def generate_sets(seed: int) -> dict[str, list[dict]]:
     facts = fact_table(seed)  # the same companies/cities as the SFT demo: an SFT model knows them
     out = {}
+    seen: set = set()
     for name, n in SETS.items():
         r = random.Random(f"prefs:{name}:{seed}")
-        out[name] = [preference_pair(r, facts, name == "valid", i) for i in range(n)]
+        pairs = []
+        while len(pairs) < n:
+            pair = preference_pair(r, facts, name == "valid_shift", len(pairs))
+            key = json.dumps([pair.get("prompt"), pair["chosen"], pair["rejected"]], ensure_ascii=False)
+            if name == "train":
+                seen.add(key)
+            elif key in seen:
+                continue  # a held-out pair never appears in training
+            pairs.append(pair)
+        out[name] = pairs
     return out
 
 
