@@ -126,7 +126,6 @@ def load_parallel_model(path, mesh, cfg=None, **model_overrides):
         meta = fmt.read_meta(fmt.resolve_checkpoint(path))
         cfg.train.trainable, cfg.lora = "lora", LoRAConfig(**meta["lora"])
         cfg.train.seed = int(meta.get("lora_base_seed", cfg.train.seed))
-        cfg.checkpoint.load = None
     chunks = build_model(cfg, mesh)
     CheckpointManager(cfg, mesh).load_weights(path, chunks, None)
     for chunk in chunks:
