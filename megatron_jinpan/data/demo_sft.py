@@ -8,6 +8,7 @@ Writes (skipping what exists), all chat JSONL in the OpenAI `messages` format:
   sft/stage2.jsonl               the smaller high-quality set (same mix, no noisy answers, more multi-turn)
   sft/valid.jsonl                held-out conversations -> eval_loss on answer tokens
   sft/heldout.jsonl              held-out prompts with reference answers -> train.eval_generate
+  sft/heldout_rephrased.jsonl    the same kind of prompts asked in phrasings never seen in training
   sft/<name>.bin/.idx (+ .mask)  the four sets preprocessed with the `plain` template and data/demo/tokenizer.model
 
 Task types (zh and en forms of each; the answer is short and exact):
@@ -19,8 +20,9 @@ Task types (zh and en forms of each; the answer is short and exact):
                  direction: whether a metric rose or fell (增长/下降, increase/decrease)
                  ticker: a company's stock code (from the fact table)
                  gross profit: revenue minus cost, in one-digit billions
-Held-out sets use new stories, figures and phrasings; the memorised facts (city names, tickers,
-one-digit sums) are the same facts asked in a different way. Stage 1 has ~5% noisy answers
+Held-out sets are new samples (new stories, names and figures) of the training distribution, never a
+conversation that occurs in stage1/stage2 (so a fact asked exactly as in training is not held out).
+heldout_rephrased.jsonl asks in phrasings training never shows (a harder, generalisation test). Stage 1 has ~5% noisy answers
 (a wrong number), the way open instruction sets do; stage 2 has none.
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ CITY_PAIRS = [("北京", "Beijing"), ("上海", "Shanghai"), ("广州", "Guangzh
               ("青岛", "Qingdao"), ("厦门", "Xiamen"), ("伦敦", "London"), ("纽约", "New York"), ("悉尼", "Sydney"),
               ("东京", "Tokyo"), ("巴黎", "Paris")]
 NUM_COMPANIES = 12
-SETS = {"stage1": 6000, "stage2": 1500, "valid": 300, "heldout": 200}
+SETS = {"stage1": 6000, "stage2": 1500, "valid": 300, "heldout": 200, "heldout_rephrased": 200}
 
 
 def fact_table(seed: int) -> dict:
@@ -165,12 +167,22 @@ def conversation(r: random.Random, facts: dict, held: bool, noisy: float, multi_
 
 def generate_sets(seed: int) -> dict[str, list[dict]]:
     facts = fact_table(seed)
-    out = {}
+    out, seen = {}, set()
     for name, n in SETS.items():
         r = random.Random(f"sft:{name}:{seed}")
-        held = name in ("valid", "heldout")
-        out[name] = [conversation(r, facts, held, noisy=0.05 if name == "stage1" else 0.0,
-                                  multi_turn=0.6 if name == "stage2" else 0.3) for _ in range(n)]
+        held = name == "heldout_rephrased"  # other held-out sets: new samples, training phrasings
+        train = name in ("stage1", "stage2")
+        rows = []
+        while len(rows) < n:
+            c = conversation(r, facts, held, noisy=0.05 if name == "stage1" else 0.0,
+                             multi_turn=0.6 if name == "stage2" else 0.3)
+            key = json.dumps(c["messages"], ensure_ascii=False)
+            if train:
+                seen.add(key)
+            elif key in seen:  # held out means never trained on (a one-digit sum asked the same way, ...)
+                continue
+            rows.append(c)
+        out[name] = rows
     return out
 
 
