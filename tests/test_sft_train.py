@@ -161,9 +161,10 @@ def test_sft_step_222_sp_zero1_equals_one_process(data, tmp_path):
             if k in r or k in p:
                 torch.testing.assert_close(torch.tensor(p[k]), torch.tensor(r[k]), rtol=1e-5, atol=1e-6, msg=k)
     assert "eval_loss_chat" in ref["records"][-1]
-    # fp32 1e-5: after two Adam steps a weight whose gradient is ~0 moves by rounding noise / sqrt(v)
+    # Weights: Adam divides by sqrt(v), so a weight whose gradient is ~0 moves by (rounding noise / |g|) x lr;
+    # allow 1% of one step (lr=3e-3) per element — a real layout bug moves weights by O(lr).
     for name, value in ref["params"].items():
-        torch.testing.assert_close(par["params"][name], value, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(par["params"][name], value, rtol=1e-5, atol=3e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_resume_is_exact_and_eval_generate_reports(data, tmp_path):
