@@ -27,11 +27,14 @@ evals = [l for l in lines if "eval_accuracy" in l]
 train = [l for l in lines if l.get("loss") is not None]
 print(f"== {stage}: {run}/metrics.jsonl, {len(train)} steps, loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, "
       f"{sum(l['step_time_s'] for l in train):.0f} s of steps")
+sets = sorted(k[len("eval_accuracy_"):] for k in evals[-1] if k.startswith("eval_accuracy_"))
 for l in evals:
-    print(f"   step {l['step']:4d}  held-out accuracy {l['eval_accuracy']:.3f}  margin {l['eval_reward_margin']:+.4f}"
+    per_set = "  ".join(f"{s} {l['eval_accuracy_' + s]:.3f}" for s in sets)
+    print(f"   step {l['step']:4d}  held-out accuracy {per_set}  margin {l['eval_reward_margin']:+.4f}"
           f"  chosen {l['eval_reward_chosen']:+.4f}  rejected {l['eval_reward_rejected']:+.4f}")
-print(f"   final held-out accuracy: {evals[-1]['eval_accuracy']:.1%}"
-      + (f"; margin {evals[0]['eval_reward_margin']:+.4f} -> {evals[-1]['eval_reward_margin']:+.4f}" if stage == "dpo" else ""))
+final = ", ".join(f"{s} {evals[-1]['eval_accuracy_' + s]:.1%}" for s in sets)
+print(f"   final held-out accuracy: {final}"
+      + (f"; margin 0 (step 0, policy = reference) -> {evals[-1]['eval_reward_margin']:+.4f}" if stage == "dpo" else ""))
 PY
 }
 
