@@ -159,13 +159,13 @@ def _instrument(timers: _Timers, holder: dict) -> None:
         holder["optimizer"] = opt
         return opt
 
-    def run_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr, task=None):
+    def run_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr, task=None, **kwargs):
         timers.reset()
         holder.setdefault("microbatches", microbatches)
         holder["loss_fn"], holder["mesh"], holder["cfg"] = loss_fn, mesh, cfg
         t0 = time.perf_counter()
         with comm.accounting() as stats:
-            out = orig_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr, task)
+            out = orig_step(chunks, optimizer, microbatches, loss_fn, cfg, mesh, lr, task, **kwargs)
         timers.steps.append({"fwd": timers.fwd, "fb": timers.fb, "opt": timers.opt, "comm": timers.comm,
                              "wall": time.perf_counter() - t0})
         timers.comm_tables.append(stats.table())
