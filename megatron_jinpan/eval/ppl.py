@@ -129,49 +129,54 @@ def run_ppl(opts: dict) -> dict | None:
         raise EvalError(f"checkpoint {checkpoint} has no held-out sets in its config; pass --data NAME=PREFIX_OR_JSONL")
     model = EvalModel.open(checkpoint, int(opts.get("tp", 1)), int(opts.get("pp", 1)), device=opts.get("device", "auto"),
                            dtype=opts.get("dtype", "fp32"), need_tokenizer=False, cfg=cfg, mesh=opts.get("mesh"))
-    mesh, cfg = model.mesh, model.cfg
-    gb, mb = cfg.train.global_batch, cfg.train.micro_batch
-    if gb % (mb * mesh.dp):
-        raise EvalError(f"global batch {gb} is not divisible by micro batch {mb} x dp {mesh.dp}; "
-                        "pass --global-batch / --micro-batch")
-    loss_fn = language_model_loss(cfg.model.vocab_size, mesh)
-    task = Task(name="ppl", train_data=None, loss_fn=loss_fn,
-                summarize=lambda sums, units, for_eval: {**language_model_summary(sums, units, for_eval),
-                                                         "tokens": units})
-    sets = build_eval_data(cfg)
-    results: dict = {}
-    if opts.get("eval_iters"):
-        cfg.train.eval_iters = int(opts["eval_iters"])
-        results = evaluate(model.chunks, sets, loss_fn, cfg, mesh, task)
-        iters = {name: cfg.train.eval_iters for name in sets}
-    else:
-        iters = {}
-        for name, data in sets.items():
-            full = FullPassEvalData(cfg, data.source, name)
-            one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_iters=full.passes()))
-            results.update(evaluate(model.chunks, {name: full}, loss_fn, one, mesh, task))
-            iters[name] = full.passes()
-    report = None
-    if mesh.is_logging_rank:
-        rows = []
-        total_tokens = total_loss = 0.0
-        for name in sets:
-            tokens, loss = results[f"eval_tokens_{name}"], results[f"eval_loss_{name}"]
-            rows.append({"set": name, "tokens": int(tokens), "loss": loss, "ppl": math.exp(min(loss, 50.0)),
-                         "batches": iters[name], "samples": len(sets[name].source)})
-            total_tokens += tokens
-            total_loss += loss * tokens
-        overall = total_loss / max(total_tokens, 1.0)
-        rows.append({"set": "overall (token-weighted)", "tokens": int(total_tokens), "loss": overall,
-                     "ppl": math.exp(min(overall, 50.0))})
-        report = {"checkpoint": str(checkpoint), "seq_len": cfg.train.seq_len, "global_batch": gb,
-                  "mode": f"eval_iters={opts['eval_iters']}" if opts.get("eval_iters") else "full pass",
-                  "layout": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp}, "rows": rows,
-                  "metrics": {k: v for k, v in results.items() if isinstance(v, (int, float))}}
-        write_report(out_dir, "ppl", report, rows, ["set", "samples", "tokens", "loss", "ppl"],
-                     title=f"Perplexity: {checkpoint}",
-                     notes=[f"seq_len={cfg.train.seq_len}, global_batch={gb}, {report['mode']}, "
-                            f"layout tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}"])
+    try:
+        mesh, cfg = model.mesh, model.cfg
+        gb, mb = cfg.train.global_batch, cfg.train.micro_batch
+        if gb % (mb * mesh.dp):
+            raise EvalError(f"global batch {gb} is not divisible by micro batch {mb} x dp {mesh.dp}; "
+                            "pass --global-batch / --micro-batch")
+        loss_fn = language_model_loss(cfg.model.vocab_size, mesh)
+        task = Task(name="ppl", train_data=None, loss_fn=loss_fn,
+                    summarize=lambda sums, units, for_eval: {**language_model_summary(sums, units, for_eval),
+                                                             "tokens": units})
+        sets = build_eval_data(cfg)
+        results: dict = {}
+        if opts.get("eval_iters"):
+            cfg.train.eval_iters = int(opts["eval_iters"])
+            results = evaluate(model.chunks, sets, loss_fn, cfg, mesh, task)
+            iters = {name: cfg.train.eval_iters for name in sets}
+        else:
+            iters = {}
+            for name, data in sets.items():
+                full = FullPassEvalData(cfg, data.source, name)
+                one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_iters=full.passes()))
+                results.update(evaluate(model.chunks, {name: full}, loss_fn, one, mesh, task))
+                iters[name] = full.passes()
+        report = None
+        if mesh.is_logging_rank:
+            rows = []
+            total_tokens = total_loss = 0.0
+            for name in sets:
+                tokens, loss = results[f"eval_tokens_{name}"], results[f"eval_loss_{name}"]
+                rows.append({"set": name, "tokens": int(tokens), "loss": loss, "ppl": math.exp(min(loss, 50.0)),
+                             "batches": iters[name], "samples": len(sets[name].source)})
+                total_tokens += tokens
+                total_loss += loss * tokens
+            overall = total_loss / max(total_tokens, 1.0)
+            rows.append({"set": "overall (token-weighted)", "tokens": int(total_tokens), "loss": overall,
+                         "ppl": math.exp(min(overall, 50.0))})
+            report = {"checkpoint": str(checkpoint), "seq_len": cfg.train.seq_len, "global_batch": gb,
+                      "mode": f"eval_iters={opts['eval_iters']}" if opts.get("eval_iters") else "full pass",
+                      "layout": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp}, "rows": rows,
+                      "metrics": {k: v for k, v in results.items() if isinstance(v, (int, float))}}
+            write_report(out_dir, "ppl", report, rows, ["set", "samples", "tokens", "loss", "ppl"],
+                         title=f"Perplexity: {checkpoint}",
+                         notes=[f"seq_len={cfg.train.seq_len}, global_batch={gb}, {report['mode']}, "
+                                f"layout tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}"])
+    except BaseException:
+        if opts.get("mesh") is None:  # a failed run leaves no process group behind
+            model.close()
+        raise
     if not opts.get("keep_open"):
         model.close()
     return report
