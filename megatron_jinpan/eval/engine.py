@@ -17,6 +17,8 @@ share one row (one forward for all four letters).
 """
 from __future__ import annotations
 
+import json
+
 import contextlib
 import copy
 from dataclasses import dataclass
@@ -62,6 +64,19 @@ def check_tokenizer_fits(tokenizer, model_cfg, tokenizer_path: str, checkpoint) 
                         f"has vocab_size={model_cfg.vocab_size}: they do not belong together; pass the tokenizer "
                         "the checkpoint was trained with (--tokenizer), or resize the checkpoint "
                         "(`jinpan convert resize`)")
+
+
+def jsonl_records(path):
+    """(line number, record) for each non-blank line of a JSONL file; malformed JSON is an EvalError
+    naming `path:line`."""
+    with open(path, encoding="utf-8") as fh:
+        for line, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield line, json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise EvalError(f"{path}:{line}: not JSON ({exc.msg})") from None
 
 
 # ---------------------------------------------------------------- mesh

@@ -29,7 +29,7 @@ import time
 import unicodedata
 from pathlib import Path
 
-from .engine import EvalError
+from .engine import EvalError, jsonl_records
 
 _PUNCT = string.punctuation + "。，、；：？！“”‘’（）【】《》…·"
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
@@ -77,13 +77,7 @@ def read_questions(path, question_field: str = "question", answer_field: str = "
     if not path.is_file():
         raise FileNotFoundError(f"--input {path} does not exist; pass a JSONL of {{question, answer}} lines")
     out = []
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"{path}:{line}: not JSON ({exc.msg})") from None
+    for line, rec in jsonl_records(path):
         if isinstance(rec, dict) and question_field not in rec and answer_field not in rec:
             chat = _chat_question(rec, f"{path}:{line}")
             if chat is not None:

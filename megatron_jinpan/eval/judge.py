@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine import EvalError
+from .engine import EvalError, jsonl_records
 from .report import write_json, write_report
 
 SYSTEM_PROMPT = "You are a careful, impartial judge of answers to questions."
@@ -272,15 +272,7 @@ def load_pairs(answers, question_field="question", reference_field="reference", 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        out = []
-        for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise EvalError(f"{path}:{line}: not JSON ({exc.msg})") from None
-            out.append((line, rec))
+        out = list(jsonl_records(path))
         if not out:
             raise EvalError(f"{path}: no records")
         return path, out

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from .engine import EvalError
+from .engine import EvalError, jsonl_records
 
 TEMPLATES = Path(__file__).parent / "tasks"
 SPLITS = ("dev", "val", "test")
@@ -114,24 +114,17 @@ def check_exam_csv(path: Path, need_answers: bool = True) -> int:
 
 def check_exam_jsonl(path: Path, need_answers: bool = True) -> int:
     rows = 0
-    with open(path, encoding="utf-8") as fh:
-        for line, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise EvalError(f"{path}:{line}: not JSON ({exc.msg})") from None
-            where = f"{path}:{line}"
-            if not isinstance(rec, dict) or "question" not in rec or "choices" not in rec:
-                raise EvalError(f"{where}: needs fields question, choices (a list) and answer (an index)")
-            if not isinstance(rec["choices"], list) or not 2 <= len(rec["choices"]) <= len(LETTERS):
-                raise EvalError(f"{where}: choices must be a list of 2-{len(LETTERS)} options")
-            if need_answers:
-                if "answer" not in rec:
-                    raise EvalError(f"{where}: missing field answer (the index of the right choice)")
-                _answer_index(rec["answer"], len(rec["choices"]), where)
-            rows += 1
+    for line, rec in jsonl_records(path):
+        where = f"{path}:{line}"
+        if not isinstance(rec, dict) or "question" not in rec or "choices" not in rec:
+            raise EvalError(f"{where}: needs fields question, choices (a list) and answer (an index)")
+        if not isinstance(rec["choices"], list) or not 2 <= len(rec["choices"]) <= len(LETTERS):
+            raise EvalError(f"{where}: choices must be a list of 2-{len(LETTERS)} options")
+        if need_answers:
+            if "answer" not in rec:
+                raise EvalError(f"{where}: missing field answer (the index of the right choice)")
+            _answer_index(rec["answer"], len(rec["choices"]), where)
+        rows += 1
     if rows == 0:
         raise EvalError(f"{path}: no questions")
     return rows
@@ -213,22 +206,15 @@ def read_classify_jsonl(path, text_field: str = "text", label_field: str = "labe
     if not path.is_file():
         raise FileNotFoundError(f"classification data {path} does not exist")
     records, seen = [], {}
-    with open(path, encoding="utf-8") as fh:
-        for line, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise EvalError(f"{path}:{line}: not JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or text_field not in rec or label_field not in rec:
-                raise EvalError(f"{path}:{line}: needs fields {text_field!r} and {label_field!r} "
-                                "(set --text-field/--label-field)")
-            label = str(rec[label_field])
-            if labels and label not in labels:
-                raise EvalError(f"{path}:{line}: label {label!r} is not one of --labels {', '.join(labels)}")
-            seen.setdefault(label, label)
-            records.append(rec)
+    for line, rec in jsonl_records(path):
+        if not isinstance(rec, dict) or text_field not in rec or label_field not in rec:
+            raise EvalError(f"{path}:{line}: needs fields {text_field!r} and {label_field!r} "
+                            "(set --text-field/--label-field)")
+        label = str(rec[label_field])
+        if labels and label not in labels:
+            raise EvalError(f"{path}:{line}: label {label!r} is not one of --labels {', '.join(labels)}")
+        seen.setdefault(label, label)
+        records.append(rec)
     if not records:
         raise EvalError(f"{path}: no records")
     labels = labels or seen
