@@ -31,8 +31,9 @@ How it works (FlashAttention-2):
   and dV of a shared kv head are summed in registers (no atomics, no
   repeated k/v; deterministic); `_attn_bwd_dq_kernel` runs one program per
   (query block, batch*head) over key blocks like the forward.
-- `FlashAttentionFunction` is the autograd.Function; `flash_attention` the
-  function and `FlashAttention` the module.
+- `jinpan::flash_attention` / `jinpan::flash_attention_backward` are torch.library
+  custom ops (fake impls + registered autograd, so torch.compile traces through
+  them); `flash_attention` the function and `FlashAttention` the module.
 
 On a GPU the block sizes are autotuned per (seq, heads, head_dim, dtype)
 (set JINPAN_FLASH_AUTOTUNE=0 for the fixed defaults); under the CPU
@@ -404,24 +405,54 @@ def _common_dtype(q, k, v) -> torch.dtype:
 
 
 # ------------------------------------------------------------------ autograd
-class FlashAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, cu_seqlens):
-        b, s = q.shape[:2]
-        doc_start = doc_end = None
-        if cu_seqlens is not None:
-            doc_start, doc_end = _doc_bounds(cu_seqlens, b, s, q.device)
-        o, lse = _forward(q, k, v, scale, doc_start)
-        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+# `jinpan::flash_attention` / `jinpan::flash_attention_backward`: torch.library custom ops (fake
+# impls + registered autograd) so torch.compile traces through them without a graph break. The
+# backward recomputes the document bounds from cu_seqlens (one searchsorted) instead of saving them.
+@torch.library.custom_op("jinpan::flash_attention", mutates_args=())
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    doc_start = None
+    if cu_seqlens is not None:
+        doc_start, _ = _doc_bounds(cu_seqlens, q.shape[0], q.shape[1], q.device)
+    return _forward(q, k, v, scale, doc_start)
 
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, doc_start, doc_end)
-        return dq, dk, dv, None, None
+
+@_flash_attention_op.register_fake
+def _(q, k, v, scale, cu_seqlens):
+    b, s, hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, hq, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("jinpan::flash_attention_backward", mutates_args=())
+def _flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 o: torch.Tensor, lse: torch.Tensor, scale: float,
+                                 cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    doc_start = doc_end = None
+    if cu_seqlens is not None:
+        doc_start, doc_end = _doc_bounds(cu_seqlens, q.shape[0], q.shape[1], q.device)
+    return _backward(do, q, k, v, o, lse, scale, doc_start, doc_end)
+
+
+@_flash_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, scale, cu_seqlens):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_setup(ctx, inputs, output):
+    q, k, v, scale, cu_seqlens = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _flash_grad(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_backward_op(do, q, k, v, o, lse, ctx.scale, cu_seqlens)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("jinpan::flash_attention", _flash_grad, setup_context=_flash_setup)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -431,7 +462,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     dtype = _common_dtype(q, k, v)
     q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    o, lse = FlashAttentionFunction.apply(q, k, v, scale, cu_seqlens)
+    o, lse = _flash_attention_op(q, k, v, scale, cu_seqlens)
     return (o, lse) if return_lse else o
 
 

@@ -12,7 +12,8 @@ Layers, bottom up (DESIGN rule 6):
   (no atomics).
 - `_forward` / `_backward`: launchers (flatten to [rows, hidden], pick the
   block size, allocate outputs).
-- `RMSNormFunction`: the `torch.autograd.Function`.
+- `jinpan::rms_norm` / `jinpan::rms_norm_backward`: torch.library custom ops
+  (fake impls + registered autograd), so torch.compile does not graph-break.
 - `rms_norm` and the `RMSNorm` module.
 
 Numerics match Hugging Face's LlamaRMSNorm (the reference in
@@ -171,35 +172,67 @@ def _backward(dy, x2, weight, rstd, dsum=None):
     return dx, dw
 
 
-# ------------------------------------------------------------------ autograd
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, residual):
-        y, normed_input, rstd = _forward(x, weight, eps, residual)
-        ctx.save_for_backward(normed_input, weight, rstd)
-        ctx.x_shape = x.shape
-        ctx.x_dtype = x.dtype
-        ctx.has_residual = residual is not None
-        ctx.residual_dtype = residual.dtype if residual is not None else None
-        if residual is not None:
-            ctx.set_materialize_grads(False)
-            return y, normed_input.view(x.shape)
-        return y
+# ------------------------------------------------------------------ custom ops
+# Registered as torch.library custom ops (`jinpan::rms_norm`, `jinpan::rms_norm_backward`)
+# so torch.compile traces through them without a graph break (the fake impls give
+# the output shapes) and a TorchDispatchMode sees one `jinpan::` op per call.
+@torch.library.custom_op("jinpan::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (y, x + residual or an empty tensor, rstd). Outputs may not alias inputs, hence the empty one."""
+    y, normed_input, rstd = _forward(x, weight, eps, residual)
+    residual_out = normed_input.view(x.shape) if residual is not None else x.new_empty(0)
+    return y, residual_out, rstd
 
-    @staticmethod
-    def backward(ctx, dy, dsum=None):
-        normed_input, weight, rstd = ctx.saved_tensors
-        if dy is None:  # only the sum was used downstream
-            dy = torch.zeros(ctx.x_shape, device=normed_input.device, dtype=normed_input.dtype)
-        dx, dw = _backward(dy, normed_input, weight, rstd, dsum)
-        dx = dx.view(ctx.x_shape)
-        dres = dx.to(ctx.residual_dtype) if ctx.has_residual else None
-        return dx, dw, None, dres
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, residual):
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    residual_out = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return y, residual_out, x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("jinpan::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(dy: torch.Tensor, normed_input: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                          dsum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    n = normed_input.shape[-1]
+    dx, dw = _backward(dy, _as_rows(normed_input, n), weight, rstd, dsum)
+    return dx.view(normed_input.shape), dw
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, normed_input, weight, rstd, dsum):
+    return torch.empty_like(normed_input), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _eps, residual = inputs
+    _y, residual_out, rstd = output
+    ctx.save_for_backward(residual_out if residual is not None else x, weight, rstd)
+    ctx.has_residual = residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+
+
+def _rms_norm_grad(ctx, dy, dsum, _drstd):
+    normed_input, weight, rstd = ctx.saved_tensors
+    if dy is None:  # only the sum was used downstream
+        dy = torch.zeros_like(normed_input)
+    dx, dw = _rms_norm_backward_op(dy, normed_input, weight, rstd, dsum if ctx.has_residual else None)
+    dres = dx.to(ctx.residual_dtype) if ctx.has_residual else None
+    return dx, dw, None, dres
+
+
+torch.library.register_autograd("jinpan::rms_norm", _rms_norm_grad, setup_context=_rms_norm_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
     """RMSNorm of `x` (or of `x + residual`, also returned as the next residual)."""
-    return RMSNormFunction.apply(x, weight, eps, residual)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
+        residual = residual.to(x.dtype)
+    y, residual_out, _rstd = _rms_norm_op(x, weight, float(eps), residual)
+    return (y, residual_out) if residual is not None else y
 
 
 class RMSNorm(torch.nn.Module):

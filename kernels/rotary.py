@@ -16,8 +16,9 @@ and the backward is the transpose of that linear map:
 One kernel does both (BACKWARD constexpr). One program handles a block of tokens
 (all their q heads and k heads), reading cos/sin once; math in fp32.
 
-Layers: `_rotary_kernel` -> `_launch` -> `RotaryFunction` -> `apply_rotary`
-and the `Rotary` module.
+Layers: `_rotary_kernel` -> `_launch` -> the custom ops `jinpan::rotary` /
+`jinpan::rotary_backward` (torch.compile traces through them; the in-place form
+uses `RotaryFunction`, eager only) -> `apply_rotary` and the `Rotary` module.
 """
 from __future__ import annotations
 
@@ -166,9 +167,63 @@ class RotaryFunction(torch.autograd.Function):
         return dq_in, dk_in, None, None, None
 
 
+# ------------------------------------------------------------------ custom ops
+# `jinpan::rotary` / `jinpan::rotary_backward`: torch.library custom ops (fake impls +
+# registered autograd) so torch.compile traces through them without a graph break and a
+# TorchDispatchMode sees them by name. The in-place form stays on `RotaryFunction`
+# (custom ops with registered autograd cannot mutate their inputs); it is eager-only.
+@torch.library.custom_op("jinpan::rotary", mutates_args=())
+def _rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b = q.shape[0]
+    cos, sin = _unit_last(_expand(cos, b)), _unit_last(_expand(sin, b))
+    q_out = torch.empty(q.shape, device=q.device, dtype=torch.promote_types(q.dtype, cos.dtype))
+    k_out = torch.empty(k.shape, device=k.device, dtype=torch.promote_types(k.dtype, cos.dtype))
+    return _launch(_unit_last(q), _unit_last(k), cos, sin, q_out, k_out, backward=False)
+
+
+@_rotary_op.register_fake
+def _(q, k, cos, sin):
+    return (q.new_empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype)),
+            k.new_empty(k.shape, dtype=torch.promote_types(k.dtype, cos.dtype)))
+
+
+@torch.library.custom_op("jinpan::rotary_backward", mutates_args=())
+def _rotary_backward_op(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    b = dq.shape[0]
+    cos, sin = _unit_last(_expand(cos, b)), _unit_last(_expand(sin, b))
+    dq_in = torch.empty(dq.shape, device=dq.device, dtype=q_dtype)
+    dk_in = torch.empty(dk.shape, device=dk.device, dtype=k_dtype)
+    return _launch(_unit_last(dq), _unit_last(dk), cos, sin, dq_in, dk_in, backward=True)
+
+
+@_rotary_backward_op.register_fake
+def _(dq, dk, cos, sin, q_dtype, k_dtype):
+    return dq.new_empty(dq.shape, dtype=q_dtype), dk.new_empty(dk.shape, dtype=k_dtype)
+
+
+def _rotary_setup(ctx, inputs, output):
+    q, k, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.dtypes = (q.dtype, k.dtype)
+
+
+def _rotary_grad(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq_in, dk_in = _rotary_backward_op(dq, dk, cos, sin, *ctx.dtypes)
+    return dq_in, dk_in, None, None
+
+
+torch.library.register_autograd("jinpan::rotary", _rotary_grad, setup_context=_rotary_setup)
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inplace: bool = False):
     """Rotate q [b, s, h, d] and k [b, s, h_kv, d] by cos/sin [b, s, d]; returns (q_out, k_out)."""
-    return RotaryFunction.apply(q, k, cos, sin, inplace)
+    if inplace:
+        return RotaryFunction.apply(q, k, cos, sin, True)
+    _check(q, k, cos, sin)
+    return _rotary_op(q, k, cos, sin)
 
 
 class Rotary(torch.nn.Module):

@@ -10,7 +10,8 @@ Elementwise over the flattened tensors, fp32 math, one pass each way:
 The backward recomputes sigmoid(g) instead of saving the activation.
 
 Layers: `_swiglu_fwd_kernel`/`_swiglu_bwd_kernel` -> `_forward`/`_backward`
--> `SwiGLUFunction` -> `swiglu` and the `SwiGLU` module (which also owns the
+-> the custom ops `jinpan::swiglu` / `jinpan::swiglu_backward` (torch.compile
+traces through them) -> `swiglu` and the `SwiGLU` module (which also owns the
 gate/up/down projections when given sizes).
 """
 from __future__ import annotations
@@ -82,22 +83,45 @@ def _backward(dy, gate, up):
     return dg, du
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        y, gate_c, up_c = _forward(gate, up)
-        ctx.save_for_backward(gate_c, up_c)
-        return y
+# `jinpan::swiglu` / `jinpan::swiglu_backward`: torch.library custom ops (fake impls + registered
+# autograd) so torch.compile traces through them without a graph break.
+@torch.library.custom_op("jinpan::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _forward(gate, up)[0]
 
-    @staticmethod
-    def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
-        return _backward(dy, gate, up)
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
+
+
+@torch.library.custom_op("jinpan::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dy, gate.contiguous(), up.contiguous())
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_grad(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return _swiglu_backward_op(dy, gate, up)
+
+
+torch.library.register_autograd("jinpan::swiglu", _swiglu_grad, setup_context=_swiglu_setup)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up on the Triton kernel."""
-    return SwiGLUFunction.apply(gate, up)
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    return _swiglu_op(gate, up)
 
 
 class SwiGLU(torch.nn.Module):
