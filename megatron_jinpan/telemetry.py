@@ -70,17 +70,24 @@ def _read(out: dict, key: str, fn) -> None:
         pass
 
 
-def sample(device=None, device_id=None) -> dict:
-    """Utilisation, memory used, power, SM clock, temperature and throttle reasons of one GPU, now.
-    Pass the torch device (its NVML id is looked up) or an NVML index / UUID."""
+def _open(device, device_id):
+    """(nvml, handle) of one GPU given its torch device or NVML index / UUID; (None, None) without NVML."""
     if device_id is None:
         device_id = devices.nvml_device_id(device) if device is not None else None
     nvml = _nvml() if device_id is not None else None
     if nvml is None:
-        return {}
+        return None, None
     try:
-        h = _handle(nvml, device_id)
+        return nvml, _handle(nvml, device_id)
     except Exception:
+        return None, None
+
+
+def sample(device=None, device_id=None) -> dict:
+    """Utilisation, memory used, power, SM clock, temperature and throttle reasons of one GPU, now.
+    Pass the torch device (its NVML id is looked up) or an NVML index / UUID."""
+    nvml, h = _open(device, device_id)
+    if h is None:
         return {}
     clock_sm = getattr(nvml, "NVML_CLOCK_SM", 1)
     temp_gpu = getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
@@ -107,14 +114,8 @@ def throttle_names(mask: int) -> list[str]:
 def metadata(device=None, device_id=None) -> dict:
     """Driver, GPU clocks, ECC mode and interconnect of one GPU (plus how it reaches the others),
     for the metadata columns of every benchmark. {} without NVML."""
-    if device_id is None:
-        device_id = devices.nvml_device_id(device) if device is not None else None
-    nvml = _nvml() if device_id is not None else None
-    if nvml is None:
-        return {}
-    try:
-        h = _handle(nvml, device_id)
-    except Exception:
+    nvml, h = _open(device, device_id)
+    if h is None:
         return {}
     clock_sm = getattr(nvml, "NVML_CLOCK_SM", 1)
     clock_mem = getattr(nvml, "NVML_CLOCK_MEM", 2)

@@ -22,13 +22,11 @@ at the end, so a failed run never replaces earlier output.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .preprocess import _chunks
+from .preprocess import _chunks, encoded_chunks, staged_outputs
 from .tokenizer import DataError, load_tokenizer
 
 MASK_SUFFIX = ".mask"
@@ -115,61 +113,43 @@ def preprocess_chat(input_path: str, tokenizer_path: str, output_prefix: str, *,
         raise DataError(f"--max-seq-len {max_seq_len} must be at least 2 tokens")
     tok = load_tokenizer(tokenizer_path, key="--tokenizer")
     load_template(template)  # fail here, once, on a template that does not load
-    outputs = {name: Path(output_prefix + name) for name in (".bin", ".idx", MASK_SUFFIX + ".bin",
-                                                             MASK_SUFFIX + ".idx", META_SUFFIX)}
-    outputs[".bin"].parent.mkdir(parents=True, exist_ok=True)
-    tmp = {k: p.with_name(p.name + f".tmp{os.getpid()}") for k, p in outputs.items()}
-    tokens_out = IndexedDatasetBuilder(str(tmp[".bin"]), dtype=DType.optimal_dtype(tok.vocab_size))
-    mask_out = IndexedDatasetBuilder(str(tmp[MASK_SUFFIX + ".bin"]), dtype=np.uint8)
+    # the meta file last: a reader that sees it sees complete data
+    outputs = [output_prefix + name for name in (".bin", ".idx", MASK_SUFFIX + ".bin", MASK_SUFFIX + ".idx",
+                                                 META_SUFFIX)]
     counts = {"kept": 0, "truncated": 0, "no_assistant": 0, "empty": 0, "too_long": 0}
     tokens = answer_tokens = 0
     bar = tqdm(total=Path(input_path).stat().st_size, unit="B", unit_scale=True, disable=not progress,
                desc=f"preprocess chat {Path(input_path).name}", dynamic_ncols=True)
     init = (tokenizer_path, template, max_seq_len, truncation)
-    pool = None
+    chunks = _chunks(input_path, "messages", False)
     try:
-        chunks = _chunks(input_path, "messages", False)
-        if workers > 1:
-            # spawn, not fork: forking a process that holds torch/gloo threads can deadlock.
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init)
-            results = pool.imap(_encode_chunk, chunks, chunksize=1)
-        else:
-            _init_worker(*init)
-            results = map(_encode_chunk, chunks)
-        for pairs, chunk_counts, nbytes in results:
-            for ids, mask in pairs:
-                tokens_out.add_document(ids, [len(ids)])
-                mask_out.add_document(mask, [len(mask)])
-                tokens += len(ids)
-                answer_tokens += int(mask.sum())
-            for k, v in chunk_counts.items():
-                counts[k] += v
-            bar.update(nbytes)
-        kept = counts["kept"] + counts["truncated"]
-        if kept == 0:
-            raise DataError(f"--input {input_path} holds no trainable conversation ({_summary(counts)}); each line "
-                            "needs at least one non-empty assistant turn")
-        tokens_out.finalize(str(tmp[".idx"]))
-        mask_out.finalize(str(tmp[MASK_SUFFIX + ".idx"]))
-        meta = {"format": "chat", "template": template, "tokenizer": str(tokenizer_path),
-                "vocab_size": tok.vocab_size, "max_seq_len": max_seq_len, "truncation": truncation,
-                "conversations": kept, "tokens": tokens, "answer_tokens": answer_tokens, **report(counts),
-                "input": str(input_path)}
-        tmp[META_SUFFIX].write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        for k in outputs:  # the meta file last: a reader that sees it sees complete data
-            os.replace(tmp[k], outputs[k])
-    except BaseException:
-        for builder in (tokens_out, mask_out):
-            if not builder.data_file.closed:
-                builder.data_file.close()
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
-        raise
+        with staged_outputs(*outputs) as ((tok_bin, tok_idx, mask_bin, mask_idx, meta_path), builders), \
+                encoded_chunks(_encode_chunk, chunks, workers, _init_worker, init) as results:
+            tokens_out = IndexedDatasetBuilder(str(tok_bin), dtype=DType.optimal_dtype(tok.vocab_size))
+            mask_out = IndexedDatasetBuilder(str(mask_bin), dtype=np.uint8)
+            builders += [tokens_out, mask_out]
+            for pairs, chunk_counts, nbytes in results:
+                for ids, mask in pairs:
+                    tokens_out.add_document(ids, [len(ids)])
+                    mask_out.add_document(mask, [len(mask)])
+                    tokens += len(ids)
+                    answer_tokens += int(mask.sum())
+                for k, v in chunk_counts.items():
+                    counts[k] += v
+                bar.update(nbytes)
+            kept = counts["kept"] + counts["truncated"]
+            if kept == 0:
+                raise DataError(f"--input {input_path} holds no trainable conversation ({_summary(counts)}); each "
+                                "line needs at least one non-empty assistant turn")
+            tokens_out.finalize(str(tok_idx))
+            mask_out.finalize(str(mask_idx))
+            meta = {"format": "chat", "template": template, "tokenizer": str(tokenizer_path),
+                    "vocab_size": tok.vocab_size, "max_seq_len": max_seq_len, "truncation": truncation,
+                    "conversations": kept, "tokens": tokens, "answer_tokens": answer_tokens, **report(counts),
+                    "input": str(input_path)}
+            meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     return {"prefix": output_prefix, "tokens": tokens, "answer_tokens": answer_tokens, **report(counts)}
 
 

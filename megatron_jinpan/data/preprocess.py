@@ -11,6 +11,7 @@ written and never replaces earlier output.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -86,6 +87,46 @@ def _chunks(path: str, json_key: str, append_eod: bool):
             yield start, lines, path, json_key, append_eod
 
 
+@contextlib.contextmanager
+def staged_outputs(*finals):
+    """Temporary paths for every output of one preprocessing run, renamed to `finals` (in that order, so put the
+    file a reader checks for last) only when the block completes. On any failure or interrupt the temporaries
+    are closed and deleted: earlier output under the final names is never touched. Yields (tmp_paths,
+    builders); append each IndexedDatasetBuilder to `builders` so its open file is closed on failure."""
+    finals = [Path(f) for f in finals]
+    finals[0].parent.mkdir(parents=True, exist_ok=True)
+    tmps = [p.with_name(p.name + f".tmp{os.getpid()}") for p in finals]
+    builders: list = []
+    try:
+        yield tmps, builders
+        for tmp, final in zip(tmps, finals):
+            os.replace(tmp, final)
+    except BaseException:
+        for builder in builders:
+            if not builder.data_file.closed:
+                builder.data_file.close()
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def encoded_chunks(encode, chunks, workers: int, init_worker, initargs: tuple):
+    """`encode` mapped over `chunks` in order: in `workers` spawned processes (each set up by
+    `init_worker(*initargs)`), or in this process when workers <= 1. The pool is stopped when the block ends."""
+    if workers <= 1:
+        init_worker(*initargs)
+        yield map(encode, chunks)
+        return
+    # spawn, not fork: forking a process that holds torch/gloo threads can deadlock.
+    pool = mp.get_context("spawn").Pool(workers, initializer=init_worker, initargs=initargs)
+    try:
+        yield pool.imap(encode, chunks, chunksize=1)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def preprocess(input_path: str, tokenizer_path: str, output_prefix: str, *, workers: int = 1,
                json_key: str = "text", append_eod: bool = False, progress: bool = True) -> dict:
     """Tokenize a JSONL file into `output_prefix`.bin/.idx; returns counts."""
@@ -95,48 +136,28 @@ def preprocess(input_path: str, tokenizer_path: str, output_prefix: str, *, work
     if not Path(input_path).is_file():
         raise FileNotFoundError(f"--input {input_path} does not exist; pass a JSONL file with one {{\"{json_key}\": ...}} per line")
     tok = load_tokenizer(tokenizer_path, key="--tokenizer")
-    out_bin, out_idx = Path(output_prefix + ".bin"), Path(output_prefix + ".idx")
-    out_bin.parent.mkdir(parents=True, exist_ok=True)
-    tmp_bin = out_bin.with_name(out_bin.name + f".tmp{os.getpid()}")
-    tmp_idx = out_idx.with_name(out_idx.name + f".tmp{os.getpid()}")
     dtype = DType.optimal_dtype(tok.vocab_size)
-    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
     docs = tokens = 0
-    total = Path(input_path).stat().st_size
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"preprocess {Path(input_path).name}",
-               disable=not progress, dynamic_ncols=True)
-    pool = None
+    bar = tqdm(total=Path(input_path).stat().st_size, unit="B", unit_scale=True,
+               desc=f"preprocess {Path(input_path).name}", disable=not progress, dynamic_ncols=True)
+    chunks = _chunks(input_path, json_key, append_eod)
     try:
-        chunks = _chunks(input_path, json_key, append_eod)
-        if workers > 1:
-            # spawn, not fork: forking a process that holds torch/gloo threads can deadlock.
-            ctx = mp.get_context("spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,))
-            results = pool.imap(_encode_chunk, chunks, chunksize=1)
-        else:
-            _init_worker(tokenizer_path)
-            results = map(_encode_chunk, chunks)
-        for arrays, nbytes in results:
-            for arr in arrays:
-                if len(arr) == 0:
-                    continue
-                builder.add_document(arr, [len(arr)])
-                docs += 1
-                tokens += len(arr)
-            bar.update(nbytes)
-        if docs == 0:
-            raise DataError(f"--input {input_path} holds no documents; each line must be a JSON object with a {json_key!r} string")
-        builder.finalize(str(tmp_idx))
-        os.replace(tmp_bin, out_bin)
-        os.replace(tmp_idx, out_idx)
-    except BaseException:
-        builder.data_file.close() if not builder.data_file.closed else None
-        for p in (tmp_bin, tmp_idx):
-            p.unlink(missing_ok=True)
-        raise
+        with staged_outputs(output_prefix + ".bin", output_prefix + ".idx") as ((tmp_bin, tmp_idx), builders), \
+                encoded_chunks(_encode_chunk, chunks, workers, _init_worker, (tokenizer_path,)) as results:
+            builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+            builders.append(builder)
+            for arrays, nbytes in results:
+                for arr in arrays:
+                    if len(arr) == 0:
+                        continue
+                    builder.add_document(arr, [len(arr)])
+                    docs += 1
+                    tokens += len(arr)
+                bar.update(nbytes)
+            if docs == 0:
+                raise DataError(f"--input {input_path} holds no documents; each line must be a JSON object with a "
+                                f"{json_key!r} string")
+            builder.finalize(str(tmp_idx))
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     return {"documents": docs, "tokens": tokens, "prefix": output_prefix, "dtype": np.dtype(dtype).name}

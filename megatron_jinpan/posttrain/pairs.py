@@ -39,8 +39,6 @@ loss_mask [R, S] (1 where the label is an answer token), and per pair / per sequ
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..data.preprocess import encoded_chunks, staged_outputs
 from ..data.tokenizer import DataError, load_tokenizer
 
 FORMAT = "megatron-jinpan-pairs"
@@ -194,62 +193,44 @@ def preprocess_pairs(input_path: str, tokenizer_path: str, output_prefix: str, *
     load_template(template)  # a bad template fails here, once
     tok = load_tokenizer(tokenizer_path, key="--tokenizer")
     prefix = str(output_prefix)
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    suffix = f".tmp{os.getpid()}"
+    # the .pairs.json last: a reader that sees it sees complete data
     finals = [prefix + ".bin", prefix + ".idx", prefix + ".mask.bin", prefix + ".mask.idx",
               prefix + ".margin.npy", prefix + ".pairs.json"]
-    tmps = [f + suffix for f in finals]
-    tokens = IndexedDatasetBuilder(tmps[0], dtype=DType.optimal_dtype(tok.vocab_size))
-    masks = IndexedDatasetBuilder(tmps[2], dtype=np.uint8)
     margins: list[float] = []
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     n_tokens = 0
-    pool = None
     bar = tqdm(desc=f"pairs {Path(input_path).name}", unit="pair", disable=not progress, dynamic_ncols=True)
+    init = (tokenizer_path, template, max_seq_len)
     try:
-        if workers > 1:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                                initargs=(tokenizer_path, template, max_seq_len))
-            results = pool.imap(_encode_chunk, _line_chunks(input_path), chunksize=1)
-        else:
-            _init_worker(tokenizer_path, template, max_seq_len)
-            results = map(_encode_chunk, _line_chunks(input_path))
-        for items in results:
-            for item in items:
-                bar.update(1)
-                if isinstance(item, str):
-                    skipped[item] += 1
-                    continue
-                (c_ids, c_mask), (r_ids, r_mask), margin = item
-                tokens.add_document(np.asarray(c_ids + r_ids, dtype=np.int64), [len(c_ids), len(r_ids)])
-                masks.add_document(np.asarray(c_mask + r_mask, dtype=np.uint8), [len(c_mask), len(r_mask)])
-                margins.append(margin)
-                n_tokens += len(c_ids) + len(r_ids)
-        if not margins:
-            raise DataError(f"--input {input_path} holds no usable pair (skipped: {skipped}); each line needs a "
-                            "non-empty, different chosen and rejected answer")
-        tokens.finalize(tmps[1])
-        masks.finalize(tmps[3])
-        with open(tmps[4], "wb") as fh:
-            np.save(fh, np.asarray(margins, dtype=np.float32))
-        info = {"format": FORMAT, "version": 1, "pairs": len(margins), "tokens": n_tokens, "skipped": skipped,
-                "template": template, "tokenizer": str(tokenizer_path), "max_seq_len": int(max_seq_len),
-                "input": str(input_path), "has_margin": any(m != 0.0 for m in margins)}
-        Path(tmps[5]).write_text(json.dumps(info, indent=1) + "\n")
-        for tmp, final in zip(tmps, finals):
-            os.replace(tmp, final)
-    except BaseException:
-        for builder in (tokens, masks):
-            if not builder.data_file.closed:
-                builder.data_file.close()
-        for tmp in tmps:
-            Path(tmp).unlink(missing_ok=True)
-        raise
+        with staged_outputs(*finals) as (tmps, builders), \
+                encoded_chunks(_encode_chunk, _line_chunks(input_path), workers, _init_worker, init) as results:
+            tokens = IndexedDatasetBuilder(str(tmps[0]), dtype=DType.optimal_dtype(tok.vocab_size))
+            masks = IndexedDatasetBuilder(str(tmps[2]), dtype=np.uint8)
+            builders += [tokens, masks]
+            for items in results:
+                for item in items:
+                    bar.update(1)
+                    if isinstance(item, str):
+                        skipped[item] += 1
+                        continue
+                    (c_ids, c_mask), (r_ids, r_mask), margin = item
+                    tokens.add_document(np.asarray(c_ids + r_ids, dtype=np.int64), [len(c_ids), len(r_ids)])
+                    masks.add_document(np.asarray(c_mask + r_mask, dtype=np.uint8), [len(c_mask), len(r_mask)])
+                    margins.append(margin)
+                    n_tokens += len(c_ids) + len(r_ids)
+            if not margins:
+                raise DataError(f"--input {input_path} holds no usable pair (skipped: {skipped}); each line needs "
+                                "a non-empty, different chosen and rejected answer")
+            tokens.finalize(str(tmps[1]))
+            masks.finalize(str(tmps[3]))
+            with open(tmps[4], "wb") as fh:
+                np.save(fh, np.asarray(margins, dtype=np.float32))
+            info = {"format": FORMAT, "version": 1, "pairs": len(margins), "tokens": n_tokens, "skipped": skipped,
+                    "template": template, "tokenizer": str(tokenizer_path), "max_seq_len": int(max_seq_len),
+                    "input": str(input_path), "has_margin": any(m != 0.0 for m in margins)}
+            tmps[5].write_text(json.dumps(info, indent=1) + "\n")
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     info["prefix"] = prefix
     return info
 
