@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ..training.commands import launch
+from ..training.commands import add_training_command, launch
 
 
 def _ppo_entry(cfg) -> None:
@@ -28,9 +28,7 @@ def cmd_ppo(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("ppo", help="PPO / GRPO against a reward model and/or a rule reward",
-                              description="PPO per a YAML recipe; trailing key=value items override it.")
-    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/ppo/tiny.yaml")
-    p.add_argument("--nproc", type=int, default=1, help="local worker processes when not under torchrun")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.kl_coef=0.1 parallel.tp=2")
-    p.set_defaults(func=cmd_ppo, accepts_overrides=True)
+    add_training_command(subparsers, "ppo", cmd_ppo, help="PPO / GRPO against a reward model and/or a rule reward",
+                         description="PPO per a YAML recipe; trailing key=value items override it.",
+                         config_example="configs/ppo/tiny.yaml", overrides_example="ppo.kl_coef=0.1 parallel.tp=2",
+                         config_required=True)

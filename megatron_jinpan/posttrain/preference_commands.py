@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 
+from ..training.commands import add_training_command, launch
+
 
 def _reward_entry(cfg) -> None:
     from .reward import train_reward
@@ -33,7 +35,6 @@ def _dpo_entry(cfg) -> None:
 
 def cmd_reward(args) -> int:
     from ..config import load_config
-    from ..training.commands import launch
 
     overrides = list(args.overrides)
     if overrides and overrides[0] == "score":
@@ -51,7 +52,6 @@ def cmd_reward(args) -> int:
 
 def cmd_dpo(args) -> int:
     from ..config import load_config
-    from ..training.commands import launch
 
     if not args.config:
         raise ValueError("jinpan dpo needs --config configs/dpo/F.yaml")
@@ -66,7 +66,6 @@ def cmd_score(args) -> int:
 
     from ..checkpoint.load import model_config_of
     from ..config import Config, ConfigError
-    from ..training.commands import launch
 
     missing = [f"--{k.replace('_', '-')}" for k in ("checkpoint", "input", "output") if not getattr(args, k)]
     if missing:
@@ -148,11 +147,11 @@ def _score_worker(options: dict, cfg) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("reward", help="train a pairwise reward model, or `reward score` with one",
-                              description="Train per a YAML recipe (trailing key=value items override it), or "
-                                          "`jinpan reward score --checkpoint C --input X.jsonl --output Y.jsonl`.")
-    p.add_argument("--config", help="YAML recipe, e.g. configs/reward/tiny.yaml")
-    p.add_argument("--nproc", type=int, default=1, help="local worker processes when not under torchrun")
+    p = add_training_command(
+        subparsers, "reward", cmd_reward, help="train a pairwise reward model, or `reward score` with one",
+        description="Train per a YAML recipe (trailing key=value items override it), or "
+                    "`jinpan reward score --checkpoint C --input X.jsonl --output Y.jsonl`.",
+        config_example="configs/reward/tiny.yaml", overrides_example="parallel.tp=2 train.steps=100")
     g = p.add_argument_group("reward score")
     g.add_argument("--checkpoint", help="score: reward model (our checkpoint / run dir, or an HF "
                    "LlamaForSequenceClassification dir)")
@@ -163,12 +162,7 @@ def register(subparsers) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="score: sequences per forward micro-batch")
     g.add_argument("--tp", type=int, default=1, help="score: tensor-parallel size")
     g.add_argument("--pp", type=int, default=1, help="score: pipeline-parallel size")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.steps=100")
-    p.set_defaults(func=cmd_reward, accepts_overrides=True)
 
-    d = subparsers.add_parser("dpo", help="Direct Preference Optimization on preference pairs",
-                              description="Train per a YAML recipe; trailing key=value items override it.")
-    d.add_argument("--config", help="YAML recipe, e.g. configs/dpo/tiny.yaml")
-    d.add_argument("--nproc", type=int, default=1, help="local worker processes when not under torchrun")
-    d.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.1 train.steps=100")
-    d.set_defaults(func=cmd_dpo, accepts_overrides=True)
+    add_training_command(subparsers, "dpo", cmd_dpo, help="Direct Preference Optimization on preference pairs",
+                         description="Train per a YAML recipe; trailing key=value items override it.",
+                         config_example="configs/dpo/tiny.yaml", overrides_example="dpo.beta=0.1 train.steps=100")

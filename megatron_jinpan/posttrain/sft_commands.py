@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..training.commands import launch
+from ..training.commands import add_training_command, launch
 
 
 def _train_entry(cfg) -> None:
@@ -64,11 +64,9 @@ def cmd_sft(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("sft", help="supervised fine-tuning (chat data, answer-only loss)",
-                              description="Fine-tune per a YAML recipe; trailing key=value items override it.")
-    p.add_argument("--config", required=False, help="YAML recipe, e.g. configs/sft/tiny_stage1.yaml")
-    p.add_argument("--nproc", type=int, default=1, help="local worker processes when not under torchrun")
+    p = add_training_command(subparsers, "sft", cmd_sft, help="supervised fine-tuning (chat data, answer-only loss)",
+                             description="Fine-tune per a YAML recipe; trailing key=value items override it.",
+                             config_example="configs/sft/tiny_stage1.yaml",
+                             overrides_example="parallel.tp=2 train.steps=100")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (or checkpoint.load); no training")
     p.add_argument("--checkpoint", help="weights to start from / evaluate (sets checkpoint.load)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.steps=100")
-    p.set_defaults(func=cmd_sft, accepts_overrides=True)

@@ -54,10 +54,20 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("pretrain", help="(continued) pretraining",
-                              description="Pretrain per a YAML recipe; trailing key=value items override it.")
-    p.add_argument("--config", required=False, help="YAML recipe, e.g. configs/pretrain/demo.yaml")
+def add_training_command(subparsers, name: str, func, *, help: str, description: str, config_example: str,
+                         overrides_example: str, config_required: bool = False):
+    """A `jinpan <name>` subcommand in the shape every training command shares: --config, --nproc and trailing
+    dotted key=value overrides. Returns the parser for command-specific options."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.add_argument("--config", required=config_required, help=f"YAML recipe, e.g. {config_example}")
     p.add_argument("--nproc", type=int, default=1, help="local worker processes when not under torchrun")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.steps=100")
-    p.set_defaults(func=cmd_pretrain, accepts_overrides=True)
+    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {overrides_example}")
+    p.set_defaults(func=func, accepts_overrides=True)
+    return p
+
+
+def register(subparsers) -> None:
+    add_training_command(subparsers, "pretrain", cmd_pretrain, help="(continued) pretraining",
+                         description="Pretrain per a YAML recipe; trailing key=value items override it.",
+                         config_example="configs/pretrain/demo.yaml",
+                         overrides_example="parallel.tp=2 train.steps=100")
