@@ -3,6 +3,7 @@
     from megatron_jinpan.kernels.flash_attention import flash_attention
     out = flash_attention(q, k, v)                          # == ops.attention_reference(q, k, v)
     out = flash_attention(q, k, v, cu_seqlens=cu)           # packed documents, never attend across
+    out = flash_attention(q, k, v, doc_bounds=ops.document_bounds(cu, b, s))  # the same, bounds built once
     out, lse = flash_attention(q, k, v, return_lse=True)    # lse: [batch, heads, seq] fp32, natural log
 
 Layout is flash-attn's: q [batch, seq, heads, head_dim], k/v [batch, seq,
@@ -49,6 +50,7 @@ import triton
 import triton.language as tl
 
 from megatron_jinpan.models.ops import attention_reference as reference  # noqa: F401  (the in-file reference)
+from megatron_jinpan.models.ops import document_bounds
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
@@ -295,15 +297,20 @@ def _autotune_enabled(device: torch.device) -> bool:
 _TUNE_KEY = ["SEQ", "HQ", "HK", "D", "HAS_DOCS"]
 # forward and dq need BLOCK_M % BLOCK_N == 0 (the unmasked key loop stops at the query block start);
 # dkdv needs BLOCK_N % BLOCK_M == 0 (the masked query loop covers exactly the key block).
-_FWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-                                      (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2), (128, 128, 8, 2)]]
-_DKDV_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                 for bm, bn, w, st in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3),
-                                       (32, 64, 4, 3), (64, 128, 8, 2), (16, 128, 4, 3)]]
-_DQ_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-               for bm, bn, w, st in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
-                                     (64, 32, 4, 3), (128, 64, 8, 2), (128, 16, 4, 3)]]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Register budget at head_dim 128: a 128x128 fp32 tile is
+# 128 registers/thread at 4 warps; dK/dV keeps two BLOCK_N x D fp32 accumulators, so BLOCK_N=128
+# needs 8 warps (4 would hold 256 registers/thread and spill). Deeper pipelines (4-5 stages) for the
+# streamed operand. Forward: on Hopper the tutorial drops 8-warp configs with BLOCK_M*BLOCK_N < 128*128,
+# so the 8-warp forward configs here are 128x128 only; (128, 64, 4 warps, 3 stages) is the default.
+_FWD_TILES = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+              (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 8, 2)]
+_DKDV_TILES = [(64, 128, 8, 3), (64, 128, 8, 4), (32, 128, 8, 4), (32, 128, 8, 5), (64, 64, 4, 4),
+               (64, 64, 4, 5), (32, 64, 4, 4), (16, 64, 4, 5)]
+_DQ_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4), (128, 32, 4, 5), (64, 64, 4, 4),
+             (64, 64, 4, 5), (64, 32, 4, 4), (128, 16, 4, 5)]
+_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS = (
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tiles]
+    for tiles in (_FWD_TILES, _DKDV_TILES, _DQ_TILES))
 
 _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd_kernel)
 _dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
@@ -315,24 +322,17 @@ def _fixed_blocks(seq: int, d: int, device: torch.device):
     if device.type == "cpu" or _interpreting():
         blk = max(16, min(64, triton.next_power_of_2(seq)))
         return blk, blk, 4, 1
-    return (128, 64, 4 if d <= 64 else 8, 3)
+    return (128, 64, 4, 3)  # Hopper-safe at every head_dim (8 warps at 128x64 is filtered out there)
 
 
 # ------------------------------------------------------------------ launchers
 def _doc_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int, device):
-    """Per token (flattened), the row positions where its document starts and ends (exclusive)."""
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    total = batch * seq
-    if cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(f"flash_attention: cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu.shape)}")
-    pos = torch.arange(total, device=device)
-    doc = (torch.searchsorted(cu, pos, right=True) - 1).clamp(0, cu.numel() - 2)
-    row_start = (pos // seq) * seq
-    start = torch.maximum(cu[doc], row_start) - row_start
-    end = torch.minimum(cu[doc + 1], row_start + seq) - row_start
-    end = torch.maximum(end, pos - row_start + 1)  # tokens past cu_seqlens[-1]: their own document
-    start = torch.minimum(start, pos - row_start)
-    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+    """Per token (flattened), the row positions where its document starts and ends (exclusive).
+
+    `ops.document_bounds`; the model builds them once per micro-batch (`ops.PackedDocuments`) and
+    passes them as `doc_bounds=`, so no layer and no backward recomputes them.
+    """
+    return document_bounds(cu_seqlens, batch, seq, device)
 
 
 def _forward(q, k, v, scale, doc_start):
@@ -406,63 +406,69 @@ def _common_dtype(q, k, v) -> torch.dtype:
 
 # ------------------------------------------------------------------ autograd
 # `jinpan::flash_attention` / `jinpan::flash_attention_backward`: torch.library custom ops (fake
-# impls + registered autograd) so torch.compile traces through them without a graph break. The
-# backward recomputes the document bounds from cu_seqlens (one searchsorted) instead of saving them.
+# impls + registered autograd) so torch.compile traces through them without a graph break. Packed
+# documents arrive as their per-token bounds (two int32 per token), built once per micro-batch and
+# shared by every layer; the backward keeps a reference to the same tensors (no copy, no rebuild).
 @torch.library.custom_op("jinpan::flash_attention", mutates_args=())
 def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    doc_start = None
-    if cu_seqlens is not None:
-        doc_start, _ = _doc_bounds(cu_seqlens, q.shape[0], q.shape[1], q.device)
+                        doc_start: torch.Tensor | None,
+                        doc_end: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, scale, doc_start)
 
 
 @_flash_attention_op.register_fake
-def _(q, k, v, scale, cu_seqlens):
+def _(q, k, v, scale, doc_start, doc_end):
     b, s, hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, hq, s), dtype=torch.float32)
 
 
 @torch.library.custom_op("jinpan::flash_attention_backward", mutates_args=())
 def _flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 o: torch.Tensor, lse: torch.Tensor, scale: float,
-                                 cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    doc_start = doc_end = None
-    if cu_seqlens is not None:
-        doc_start, doc_end = _doc_bounds(cu_seqlens, q.shape[0], q.shape[1], q.device)
+                                 o: torch.Tensor, lse: torch.Tensor, scale: float, doc_start: torch.Tensor | None,
+                                 doc_end: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(do, q, k, v, o, lse, scale, doc_start, doc_end)
 
 
 @_flash_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, scale, cu_seqlens):
+def _(do, q, k, v, o, lse, scale, doc_start, doc_end):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _flash_setup(ctx, inputs, output):
-    q, k, v, scale, cu_seqlens = inputs
+    q, k, v, scale, doc_start, doc_end = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
 
 def _flash_grad(ctx, do, _dlse):
-    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _flash_attention_backward_op(do, q, k, v, o, lse, ctx.scale, cu_seqlens)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_backward_op(do, q, k, v, o, lse, ctx.scale, doc_start, doc_end)
+    return dq, dk, dv, None, None, None
 
 
 torch.library.register_autograd("jinpan::flash_attention", _flash_grad, setup_context=_flash_setup)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                    cu_seqlens: torch.Tensor | None = None, return_lse: bool = False):
-    """Causal attention, [b, s, h, d] in and out; see the module docstring."""
+                    cu_seqlens: torch.Tensor | None = None, return_lse: bool = False, doc_bounds=None):
+    """Causal attention, [b, s, h, d] in and out; see the module docstring.
+
+    Packed documents: `doc_bounds` = (start, end) from `ops.document_bounds` (what the model passes,
+    built once per micro-batch), or `cu_seqlens` (the bounds are built here).
+    """
     _check(q, k, v)
     dtype = _common_dtype(q, k, v)
     q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    o, lse = _flash_attention_op(q, k, v, scale, cu_seqlens)
+    if doc_bounds is None and cu_seqlens is not None:
+        doc_bounds = _doc_bounds(cu_seqlens, q.shape[0], q.shape[1], q.device)
+    doc_start, doc_end = doc_bounds if doc_bounds is not None else (None, None)
+    if doc_start is not None and doc_start.numel() != q.shape[0] * q.shape[1]:
+        raise ValueError(f"flash_attention: doc_bounds cover {doc_start.numel()} tokens but q has "
+                         f"{q.shape[0]} x {q.shape[1]}; build them for this batch and sequence length")
+    o, lse = _flash_attention_op(q, k, v, scale, doc_start, doc_end)
     return (o, lse) if return_lse else o
 
 

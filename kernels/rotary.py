@@ -16,6 +16,10 @@ and the backward is the transpose of that linear map:
 One kernel does both (BACKWARD constexpr). One program handles a block of tokens
 (all their q heads and k heads), reading cos/sin once; math in fp32.
 
+Under autocast the outputs are written in the autocast dtype by the kernel (fp32 math on
+bf16 q/k and fp32 cos/sin, rounded once): the same values as kernel-then-cast, without
+the cast kernels; the gradients come back in q's and k's dtypes (`ops.compute_dtype`).
+
 Layers: `_rotary_kernel` -> `_launch` -> the custom ops `jinpan::rotary` /
 `jinpan::rotary_backward` (torch.compile traces through them; the in-place form
 uses `RotaryFunction`, eager only) -> `apply_rotary` and the `Rotary` module.
@@ -27,6 +31,7 @@ import triton
 import triton.language as tl
 
 from megatron_jinpan.models.ops import apply_rotary_reference as reference  # noqa: F401  (the in-file reference)
+from megatron_jinpan.models.ops import compute_dtype
 
 
 @triton.jit
@@ -140,8 +145,8 @@ class RotaryFunction(torch.autograd.Function):
         if inplace:
             q_out, k_out = q_in, k_in
         else:
-            q_dtype = torch.promote_types(q.dtype, cos.dtype)  # like `q * cos` in the reference
-            k_dtype = torch.promote_types(k.dtype, cos.dtype)
+            q_dtype = compute_dtype(q, cos)  # like `q * cos` in the reference (autocast: its dtype)
+            k_dtype = compute_dtype(k, cos)
             q_out = torch.empty(q.shape, device=q.device, dtype=q_dtype)
             k_out = torch.empty(k.shape, device=k.device, dtype=k_dtype)
         _launch(q_in, k_in, cos, sin, q_out, k_out, backward=False)
@@ -173,19 +178,21 @@ class RotaryFunction(torch.autograd.Function):
 # TorchDispatchMode sees them by name. The in-place form stays on `RotaryFunction`
 # (custom ops with registered autograd cannot mutate their inputs); it is eager-only.
 @torch.library.custom_op("jinpan::rotary", mutates_args=())
-def _rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               q_out_dtype: torch.dtype | None = None,
+               k_out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output dtypes: None = promoted (q/k, cos), like `q * cos`; `apply_rotary` passes the autocast dtype."""
     b = q.shape[0]
     cos, sin = _unit_last(_expand(cos, b)), _unit_last(_expand(sin, b))
-    q_out = torch.empty(q.shape, device=q.device, dtype=torch.promote_types(q.dtype, cos.dtype))
-    k_out = torch.empty(k.shape, device=k.device, dtype=torch.promote_types(k.dtype, cos.dtype))
+    q_out = torch.empty(q.shape, device=q.device, dtype=q_out_dtype or torch.promote_types(q.dtype, cos.dtype))
+    k_out = torch.empty(k.shape, device=k.device, dtype=k_out_dtype or torch.promote_types(k.dtype, cos.dtype))
     return _launch(_unit_last(q), _unit_last(k), cos, sin, q_out, k_out, backward=False)
 
 
 @_rotary_op.register_fake
-def _(q, k, cos, sin):
-    return (q.new_empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype)),
-            k.new_empty(k.shape, dtype=torch.promote_types(k.dtype, cos.dtype)))
+def _(q, k, cos, sin, q_out_dtype=None, k_out_dtype=None):
+    return (q.new_empty(q.shape, dtype=q_out_dtype or torch.promote_types(q.dtype, cos.dtype)),
+            k.new_empty(k.shape, dtype=k_out_dtype or torch.promote_types(k.dtype, cos.dtype)))
 
 
 @torch.library.custom_op("jinpan::rotary_backward", mutates_args=())
@@ -204,7 +211,7 @@ def _(dq, dk, cos, sin, q_dtype, k_dtype):
 
 
 def _rotary_setup(ctx, inputs, output):
-    q, k, cos, sin = inputs
+    q, k, cos, sin, _q_out_dtype, _k_out_dtype = inputs
     ctx.save_for_backward(cos, sin)
     ctx.dtypes = (q.dtype, k.dtype)
 
@@ -212,7 +219,7 @@ def _rotary_setup(ctx, inputs, output):
 def _rotary_grad(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
     dq_in, dk_in = _rotary_backward_op(dq, dk, cos, sin, *ctx.dtypes)
-    return dq_in, dk_in, None, None
+    return dq_in, dk_in, None, None, None, None
 
 
 torch.library.register_autograd("jinpan::rotary", _rotary_grad, setup_context=_rotary_setup)
@@ -223,7 +230,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     if inplace:
         return RotaryFunction.apply(q, k, cos, sin, True)
     _check(q, k, cos, sin)
-    return _rotary_op(q, k, cos, sin)
+    return _rotary_op(q, k, cos, sin, compute_dtype(q, cos), compute_dtype(k, cos))
 
 
 class Rotary(torch.nn.Module):

@@ -44,15 +44,18 @@ def _leaves(*ts):
     ("rms_norm_residual", lambda x, w, *_: (x, w, 1e-6, x.detach().clone().requires_grad_(True))),
     ("rotary", lambda x, w, q, k, v, cos, sin: (q, k, cos, sin)),
     ("swiglu", lambda x, *_: (x, x.detach().clone().requires_grad_(True))),
-    ("flash_attention", lambda x, w, q, k, v, *_: (q, k, v, 0.25, None)),
-    ("flash_attention_docs", lambda x, w, q, k, v, *_: (q, k, v, 0.25, torch.tensor([0, 5, 16, 20, 32], dtype=torch.int32))),
+    ("flash_attention", lambda x, w, q, k, v, *_: (q, k, v, 0.25, None, None)),
+    ("flash_attention_docs", lambda x, w, q, k, v, *_: (q, k, v, 0.25, *ops.document_bounds(
+        torch.tensor([0, 5, 16, 20, 32], dtype=torch.int32), q.shape[0], q.shape[1]))),
+    ("rms_norm_autocast_dtype", lambda x, w, *_: (x, w, 1e-6, x.detach().clone().bfloat16(), torch.bfloat16)),
 ])
 def test_opcheck(name, args):
     """Schema, fake (meta) impl, autograd registration and dispatch are consistent (torch.library.opcheck)."""
     op = {"rms_norm": torch.ops.jinpan.rms_norm, "rms_norm_residual": torch.ops.jinpan.rms_norm,
           "rotary": torch.ops.jinpan.rotary, "swiglu": torch.ops.jinpan.swiglu,
           "flash_attention": torch.ops.jinpan.flash_attention,
-          "flash_attention_docs": torch.ops.jinpan.flash_attention}[name]
+          "flash_attention_docs": torch.ops.jinpan.flash_attention,
+          "rms_norm_autocast_dtype": torch.ops.jinpan.rms_norm}[name]
     torch.library.opcheck(op, args(*_leaves(*_inputs())))
 
 
