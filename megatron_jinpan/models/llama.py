@@ -33,6 +33,17 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, self.backend)
 
 
+def project(x, *linears):
+    """x through several linears that read it (q/k/v, gate/up), in order.
+
+    Here they are just called. The parallelize step swaps in linears that define
+    `project_shared_input(x, linears)`: tensor parallelism then gathers x once for all of them
+    (one collective each way per block, parallel/tensor.py) instead of once per projection.
+    """
+    shared = getattr(linears[0], "project_shared_input", None)
+    return shared(x, linears) if shared is not None else tuple(linear(x) for linear in linears)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -48,11 +59,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens=None, kv_cache=None):
         # Head counts come from the projections' outputs, so a tensor-parallel
         # shard (fewer local heads, or a gathered sequence under SP) just works.
-        q = self.q_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         b, s = q.shape[:2]
         q = q.view(b, s, -1, self.head_dim)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        k = k.view(b, s, -1, self.head_dim)
+        v = v.view(b, s, -1, self.head_dim)
         q, k = ops.apply_rotary(q, k, cos, sin, self.rope_backend)
         if kv_cache is not None:
             # Incremental decoding (models/kv_cache.py): attend to every cached key of the sequence.
@@ -76,7 +87,8 @@ class MLP(nn.Module):
         self.backend = "torch"
 
     def forward(self, x):
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.backend))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(ops.swiglu(gate, up, self.backend))
 
 
 class DecoderLayer(nn.Module):

@@ -23,12 +23,13 @@ Why no extra collective is needed (t = a TP rank):
 - column: the input is all-gathered (SP) or copied (no SP) ONCE for both
   paths, and the LoRA path's input gradient is added to the base path's
   before the single reduce-scatter / all-reduce of the input gradient. With
-  `parallel.tp_comm_overlap` (default) `_LoRAColumnParallelMatmul` does this
-  by hand like tensor.py's `_ColumnParallelMatmul`: it keeps only the
-  sequence shard for backward (not the gathered input: SP's memory saving
-  stays), re-gathers it asynchronously, and runs the input-gradient
-  reduction while the adapter gradients are computed; without it the
-  autograd mappings do the same synchronously;
+  `parallel.tp_comm_overlap` (default) tensor.py's `_SharedInputColumnMatmul`
+  does this by hand: it keeps only the sequence shard for backward (not the
+  gathered input: SP's memory saving stays), re-gathers it asynchronously,
+  and runs the input-gradient reduction while the adapter gradients are
+  computed; without it the autograd mappings do the same synchronously.
+  The sharing extends across a block: q/k/v (and gate/up), adapted or not,
+  are projected from one gathered input (`column_parallel_project`);
 - row: B (A_t x_t) summed over t equals B A x, so the LoRA output joins the
   base output before its all-reduce / reduce-scatter; the input gradient of a
   row-parallel layer needs no reduction.
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 
 from . import mappings
 from .parallelize import ParamSpec
+from .tensor import column_parallel_project
 
 # lora.targets entry -> (sub-module of a decoder layer, projection)
 TARGET_MODULES = {
@@ -86,53 +88,6 @@ def init_lora_parameter(name: str, shape, seed: int, device=None, dtype=torch.fl
     out = torch.empty(shape, device=device, dtype=torch.float32)
     out.uniform_(-bound, bound, generator=generator)
     return out.to(dtype)
-
-
-class _LoRAColumnParallelMatmul(torch.autograd.Function):
-    """out = gather_seq?(x) W_t^T + s * B_t A drop(gather_seq?(x)); ONE reduction of the summed input grad.
-
-    Saves the sequence shard x (not the gathered input), the rank-r activations z, and the dropout
-    mask as booleans; backward re-gathers x while the input gradient is computed and overlaps the
-    input-gradient reduce-scatter / all-reduce with the adapter (and, if trainable, base) weight grads.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, keep_mask, scale, keep_prob, group, sequence_parallel):
-        total = mappings.gather_dim(x, group, mappings.SEQ_DIM) if sequence_parallel else x
-        dropped = total if keep_mask is None else total * keep_mask / keep_prob
-        z = F.linear(dropped, lora_a)  # autocast (if on) applies here, as in the base layer
-        out = F.linear(total, weight) + F.linear(z, lora_b) * scale
-        ctx.group, ctx.sequence_parallel, ctx.scale, ctx.keep_prob = group, sequence_parallel, scale, keep_prob
-        ctx.save_for_backward(x, weight, lora_a, lora_b, keep_mask, z)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, lora_a, lora_b, keep_mask, z = ctx.saved_tensors
-        group, sp, dtype = ctx.group, ctx.sequence_parallel, grad_out.dtype
-        if sp:
-            _, finish_gather = mappings.all_gather_dim(x, group, mappings.SEQ_DIM, async_op=True)
-        grad_z = grad_out.matmul(lora_b.to(dtype)) * ctx.scale            # [.., r]
-        grad_dropped = grad_z.matmul(lora_a.to(dtype))                    # [.., in]
-        if keep_mask is not None:
-            grad_dropped = grad_dropped * keep_mask / ctx.keep_prob
-        grad_input = grad_out.matmul(weight.to(dtype)) + grad_dropped    # both paths, reduced once
-        if sp:
-            total = finish_gather()
-            _, finish_comm = mappings.reduce_scatter_dim(grad_input, group, mappings.SEQ_DIM, async_op=True)
-        else:
-            total = x
-            grad_input, handle = mappings.all_reduce(grad_input, group, async_op=True)
-            finish_comm = (lambda: (handle.wait() if handle is not None else None, grad_input)[1])
-        # Weight gradients while the input gradient travels.
-        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-        g2, t2 = flat(grad_out), flat(total).to(dtype)
-        dropped = t2 if keep_mask is None else t2 * flat(keep_mask).to(dtype) / ctx.keep_prob
-        grad_b = (g2.t().matmul(flat(z).to(dtype)) * ctx.scale).to(lora_b.dtype)
-        grad_a = flat(grad_z).t().matmul(dropped).to(lora_a.dtype)
-        grad_w = g2.t().matmul(t2).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_input = finish_comm()
-        return grad_input.to(x.dtype).contiguous(), grad_w, grad_a, grad_b, None, None, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -180,24 +135,29 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "plain" or mappings._world(self.group) == 1:
             return F.linear(x, self.weight) + self._adapter(x)
-        if self.kind == "column" and self.comm_overlap and torch.is_grad_enabled():
-            mask = None
-            if self.dropout > 0 and self.training:
-                shape = (x.shape[0], x.shape[1] * (self.tp if self.sequence_parallel else 1), *x.shape[2:])
-                mask = self._keep_mask(shape, x.device)
-            return _LoRAColumnParallelMatmul.apply(x, self.weight, self.lora_A.weight, self.lora_B.weight, mask,
-                                                   self.scale, 1.0 - self.dropout, self.group, self.sequence_parallel)
         if self.kind == "column":
             # One gather/copy for both paths: its backward reduces their summed input gradient once.
-            if self.sequence_parallel:
-                x = mappings.gather_from_sequence_parallel_region(x, self.group)
-            else:
-                x = mappings.copy_to_tp_region(x, self.group)
-            return F.linear(x, self.weight) + self._adapter(x)
+            return column_parallel_project(x, (self,))[0]
         out = F.linear(x, self.weight) + self._adapter(x)  # row: both are partial sums over TP
         if self.sequence_parallel:
             return mappings.reduce_scatter_to_sequence_parallel_region(out, self.group)
         return mappings.reduce_from_tp_region(out, self.group)
+
+    def project_shared_input(self, x: torch.Tensor, linears) -> tuple:
+        """models/llama.py's `project`: a column kind gathers x once for all of `linears` (tensor.py)."""
+        if self.kind == "column":
+            return column_parallel_project(x, linears)
+        return tuple(linear(x) for linear in linears)
+
+    def forward_gathered(self, total: torch.Tensor) -> torch.Tensor:
+        """Column kind: base + adapter on the already gathered / copied input."""
+        return F.linear(total, self.weight) + self._adapter(total)
+
+    def column_branch(self, gathered_shape, device):
+        """Column kind: ((scale, keep_prob), (W, A, B, keep-mask)) for tensor.py's shared-input matmul.
+        The mask is drawn at the gathered (full-sequence) shape, like `_adapter` on the gathered input."""
+        mask = self._keep_mask(gathered_shape, device) if self.dropout > 0 and self.training else None
+        return (self.scale, 1.0 - self.dropout), (self.weight, self.lora_A.weight, self.lora_B.weight, mask)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

@@ -22,9 +22,21 @@ output, norms run on the sequence shard (their weight grads are partial and
 summed over TP by `finalize_model_grads`, `ParamSpec.sequence_parallel`),
 and the LM head gathers the sequence, so logits are [b, s, V'/tp].
 
-`parallel.tp_comm_overlap`: the backward of a column-parallel linear launches
-the input-gradient all-reduce (reduce-scatter under SP) asynchronously and
-computes the weight gradient while it runs.
+One input collective per block: q/k/v (and gate/up) read the same input, so
+models/llama.py's `project` calls them together and `column_parallel_project`
+gathers (SP) or copies (no SP) that input ONCE for all of them; the backward
+sums their input gradients and reduces the sum once. Per layer and
+micro-batch that is Megatron's traffic (which fuses QKV and gate/up into one
+weight): without SP 2 all-reduces forward (o, down) and 2 backward (attention
+and MLP inputs); with SP 2 all-gathers + 2 reduce-scatters forward and the
+mirror backward (plus, with overlap, one re-gather of each block's input for
+the weight gradients). The weights stay separate, so checkpoint, Hugging Face
+and LoRA names stay the single-device ones (q_proj, k_proj, ..., up_proj).
+
+`parallel.tp_comm_overlap`: the backward of those shared-input projections
+(`_SharedInputColumnMatmul`) launches the input-gradient all-reduce
+(reduce-scatter under SP) asynchronously and computes the weight gradients
+while it runs.
 
 `vocab_parallel_cross_entropy` computes per-token losses from the split
 logits with three small all-reduces (max, sum of exp, target logit); the
@@ -41,52 +53,128 @@ from . import comm, mappings
 from .specs import ParamSpec
 
 
-# ---------------------------------------------------------------- column-parallel matmul with async grad comm
-class _ColumnParallelMatmul(torch.autograd.Function):
-    """y = gather_seq?(x) @ W^T, whose backward overlaps the input-grad collective with the weight grad."""
+# ---------------------------------------------------------------- column-parallel projections of one shared input
+class _SharedInputColumnMatmul(torch.autograd.Function):
+    """Several column-parallel projections of ONE input, with ONE input collective each way.
+
+    forward:  total = gather_seq?(x);  out_i = total W_i^T  (+ s_i B_i A_i drop_i(total) for a LoRA branch)
+    backward: re-gather x (SP) while the summed input gradient sum_i dout_i W_i (+ LoRA terms) is computed,
+              then reduce it ONCE (reduce-scatter under SP, all-reduce without) while the weight gradients
+              of every branch are computed.
+
+    Under SP only the sequence shard x is saved (not the gathered input; SP's memory saving stays), once
+    for all branches. `branches` holds one (scale, keep_prob) per branch; `tensors` four per branch:
+    weight, lora_A, lora_B (None without an adapter) and the dropout keep-mask (None without dropout).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, group, sequence_parallel):
-        if sequence_parallel:
-            total = mappings.gather_dim(x, group, mappings.SEQ_DIM)
-        else:
-            total = x
-        out = F.linear(total, weight)  # autocast (if on) applies here
-        ctx.group, ctx.sequence_parallel = group, sequence_parallel
-        ctx.compute_dtype = out.dtype
-        # Under SP keep only the local shard and gather it again in backward (memory, like Megatron).
-        ctx.save_for_backward(x if sequence_parallel else total, weight)
-        return out
+    def forward(ctx, x, group, sequence_parallel, branches, *tensors):
+        total = mappings.gather_dim(x, group, mappings.SEQ_DIM) if sequence_parallel else x
+        outs, zs = [], []
+        for i, (scale, keep_prob) in enumerate(branches):
+            weight, lora_a, lora_b, keep_mask = tensors[4 * i:4 * i + 4]
+            out = F.linear(total, weight)  # autocast (if on) applies here
+            z = None
+            if lora_a is not None:
+                dropped = total if keep_mask is None else total * keep_mask / keep_prob
+                z = F.linear(dropped, lora_a)
+                out = out + F.linear(z, lora_b) * scale
+            outs.append(out)
+            zs.append(z)
+        ctx.group, ctx.sequence_parallel, ctx.branches = group, sequence_parallel, branches
+        ctx.save_for_backward(x if sequence_parallel else total, *tensors, *zs)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        group, sp = ctx.group, ctx.sequence_parallel
-        dtype = grad_out.dtype
+    def backward(ctx, *grad_outs):
+        x, *saved = ctx.saved_tensors
+        group, sp, branches = ctx.group, ctx.sequence_parallel, ctx.branches
+        n = len(branches)
+        tensors, zs = saved[:4 * n], saved[4 * n:]
+        needs = ctx.needs_input_grad
+        dtype = grad_outs[0].dtype
         if sp:
             # Re-gather the input asynchronously while computing the input gradient.
             _, finish_gather = mappings.all_gather_dim(x, group, mappings.SEQ_DIM, async_op=True)
-        grad_input = grad_out.matmul(weight.to(dtype))
-        if sp:
-            total = finish_gather()
-            # Reduce-scatter the input grad along the sequence while the weight grad is computed.
-            _, finish_comm = mappings.reduce_scatter_dim(grad_input, group, mappings.SEQ_DIM, async_op=True)
-        else:
-            total = x
-            grad_input, handle = mappings.all_reduce(grad_input, group, async_op=True)
-            finish_comm = (lambda: (handle.wait() if handle is not None else None, grad_input)[1])
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        t2 = total.reshape(-1, total.shape[-1]).to(dtype)
-        grad_weight = g2.t().matmul(t2).to(weight.dtype)
-        grad_input = finish_comm()
-        return grad_input.to(x.dtype).contiguous(), grad_weight, None, None
+        grad_input, grad_zs = None, []
+        for i, (scale, keep_prob) in enumerate(branches):
+            weight, lora_a, lora_b, keep_mask = tensors[4 * i:4 * i + 4]
+            g = grad_outs[i]
+            grad_z = None if lora_a is None else g.matmul(lora_b.to(dtype)) * scale  # [.., r]
+            grad_zs.append(grad_z)
+            if not needs[0]:
+                continue
+            part = g.matmul(weight.to(dtype))
+            if grad_z is not None:
+                grad_dropped = grad_z.matmul(lora_a.to(dtype))
+                part = part + (grad_dropped if keep_mask is None else grad_dropped * keep_mask / keep_prob)
+            grad_input = part if grad_input is None else grad_input + part  # every branch, reduced once
+        total = finish_gather() if sp else x
+        finish_comm = None
+        if grad_input is not None:
+            if sp:
+                # Reduce-scatter the input grad along the sequence while the weight grads are computed.
+                _, finish_comm = mappings.reduce_scatter_dim(grad_input, group, mappings.SEQ_DIM, async_op=True)
+            else:
+                grad_input, handle = mappings.all_reduce(grad_input, group, async_op=True)
+                finish_comm = (lambda: (handle.wait() if handle is not None else None, grad_input)[1])
+        # Weight gradients (of the trainable tensors only) while the input gradient travels.
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        t2 = flat(total).to(dtype)
+        grads = []
+        for i, (scale, keep_prob) in enumerate(branches):
+            weight, lora_a, lora_b, keep_mask = tensors[4 * i:4 * i + 4]
+            g2 = flat(grad_outs[i])
+            need_w, need_a, need_b = needs[4 + 4 * i:7 + 4 * i]
+            grad_w = g2.t().matmul(t2).to(weight.dtype) if need_w else None
+            grad_a = grad_b = None
+            if lora_a is not None:
+                if need_b:
+                    grad_b = (g2.t().matmul(flat(zs[i]).to(dtype)) * scale).to(lora_b.dtype)
+                if need_a:
+                    dropped = t2 if keep_mask is None else t2 * flat(keep_mask).to(dtype) / keep_prob
+                    grad_a = flat(grad_zs[i]).t().matmul(dropped).to(lora_a.dtype)
+            grads += [grad_w, grad_a, grad_b, None]
+        if finish_comm is not None:
+            grad_input = finish_comm().to(x.dtype).contiguous()
+        return (grad_input, None, None, None, *grads)
+
+
+def column_parallel_project(x: torch.Tensor, linears) -> tuple:
+    """Run several column-parallel linears (ColumnParallelLinear, or LoRALinear over one) on the same x.
+
+    The input is gathered (SP) or copied into the TP region ONCE for all of them, so its backward reduces
+    their summed input gradient once: q/k/v cost one collective each way, gate/up another. With
+    `parallel.tp_comm_overlap` (and grads on) `_SharedInputColumnMatmul` overlaps that reduction with
+    the weight gradients; otherwise the autograd mappings do the same synchronously.
+    """
+    first = linears[0]
+    group, sp = first.group, first.sequence_parallel
+    if any(m.group is not group or m.sequence_parallel != sp for m in linears):
+        raise ValueError("column-parallel linears that share an input must share the TP group and SP setting")
+    if mappings._world(group) == 1:
+        return tuple(m.forward_gathered(x) for m in linears)
+    if first.comm_overlap and torch.is_grad_enabled():
+        gathered_shape = (x.shape[0], x.shape[1] * (mappings._world(group) if sp else 1), *x.shape[2:])
+        branches, tensors = [], []
+        for m in linears:  # in order: LoRA dropout masks come from the RNG in the single-device order
+            consts, four = m.column_branch(gathered_shape, x.device)
+            branches.append(consts)
+            tensors += four
+        return _SharedInputColumnMatmul.apply(x, group, sp, tuple(branches), *tensors)
+    if sp:
+        x = mappings.gather_from_sequence_parallel_region(x, group)
+    else:
+        x = mappings.copy_to_tp_region(x, group)
+    return tuple(m.forward_gathered(x) for m in linears)
 
 
 class ColumnParallelLinear(nn.Module):
     """Linear with the output dim split across TP: weight [out/tp, in]; no bias (LLaMA has none).
 
     Input is replicated ([b, s, in]) or, under SP, sequence-split ([b, s/tp, in]);
-    output is [b, s, out/tp] (never gathered).
+    output is [b, s, out/tp] (never gathered). Linears that read the same input (q/k/v, gate/up) are
+    called together through `project_shared_input` (models/llama.py's `project`), which gathers it once.
     """
 
     def __init__(self, in_features: int, out_features_local: int, group, sequence_parallel: bool = False,
@@ -98,16 +186,18 @@ class ColumnParallelLinear(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.comm_overlap = comm_overlap
 
+    project_shared_input = staticmethod(column_parallel_project)
+
     def forward(self, x):
-        if mappings._world(self.group) == 1:
-            return F.linear(x, self.weight)
-        if self.comm_overlap and torch.is_grad_enabled():
-            return _ColumnParallelMatmul.apply(x, self.weight, self.group, self.sequence_parallel)
-        if self.sequence_parallel:
-            x = mappings.gather_from_sequence_parallel_region(x, self.group)
-        else:
-            x = mappings.copy_to_tp_region(x, self.group)
-        return F.linear(x, self.weight)
+        return column_parallel_project(x, (self,))[0]
+
+    def forward_gathered(self, total):
+        """The projection of the already gathered / copied input."""
+        return F.linear(total, self.weight)
+
+    def column_branch(self, gathered_shape, device):
+        """((scale, keep_prob), (weight, lora_A, lora_B, keep_mask)) for `_SharedInputColumnMatmul`."""
+        return (1.0, 1.0), (self.weight, None, None, None)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out_local={self.out_features_local}, sp={self.sequence_parallel}, "

@@ -27,13 +27,16 @@ Two halves:
      parameters (param dtype). Plus 8-byte scalars: the global token count,
      grad-norm partial sums over dp under zero=1, and on the last stage the
      step's metric sums (loss and token count, 16 bytes).
-   - TP, per micro-batch and layer, with c = 5 column-parallel linears
-     (q, k, v, gate, up: each reduces its own input gradient) and r = 2
-     row-parallel ones (o, down): all-reduces of [b,s,h], r forward + c
-     backward; with SP: all-gathers (c forward, r + c backward, the latter
-     re-gathering inputs for weight grads) and reduce-scatters (r forward, c
-     backward) of [b,s,h]. Megatron fuses QKV and gate/up (c = 2): this
-     engine moves 7 instead of 4 [b,s,h] tensors per layer. The vocab-
+   - TP, per micro-batch and layer, with c = 2 shared column-parallel
+     inputs (attention: q, k, v; MLP: gate, up — each block gathers its input
+     once and reduces the summed input gradient once, parallel/tensor.py's
+     `column_parallel_project`) and r = 2 row-parallel linears (o, down):
+     all-reduces of [b,s,h], r forward + c backward; with SP: all-gathers
+     (c forward, r + c backward, the latter re-gathering the block inputs for
+     the weight grads) and reduce-scatters (r forward, c backward) of
+     [b,s,h]. That is Megatron's traffic (it fuses QKV and gate/up into one
+     weight each: also c = 2); before the shared input this engine had
+     c = 5 (7 instead of 4 all-reduces per layer). The vocab-
      parallel embedding adds a forward all-reduce (SP: RS forward, AG
      backward), the column-parallel LM head a backward all-reduce (SP: AG
      forward, AG + RS backward), the vocab-parallel cross-entropy 3
@@ -49,9 +52,9 @@ import math
 from dataclasses import dataclass
 
 _PAD_ELEMS = 64  # keep equal to parallel/data.py
-# parallel/tensor.py keeps q, k, v and gate, up as separate column-parallel linears (each reduces
-# its own input gradient) and o, down as row-parallel ones. Megatron fuses QKV and gate/up (2 + 2).
-COLUMN_LINEARS_PER_LAYER = 5
+# parallel/tensor.py projects q, k, v from one gathered input and gate, up from another (each block
+# reduces its summed input gradient once), and o, down are row-parallel: 2 + 2 per layer, as Megatron.
+COLUMN_INPUTS_PER_LAYER = 2
 ROW_LINEARS_PER_LAYER = 2
 
 
@@ -269,12 +272,12 @@ def expected_comm_bytes(cfg, world_size: int, rank: int = 0, act_bytes: int | No
         layers = sum(sum(1 for n, _ in c if n.endswith("input_layernorm.weight")) for c in chunks)
         has_embed = any(n == "embed_tokens.weight" for c in chunks for n, _ in c)
         has_head = any(n == "norm.weight" for c in chunks for n, _ in c)
-        c, r = COLUMN_LINEARS_PER_LAYER, ROW_LINEARS_PER_LAYER
+        c, r = COLUMN_INPUTS_PER_LAYER, ROW_LINEARS_PER_LAYER
         for _ in range(n_micro):
             if p.sp:
-                # forward: each column-parallel linear gathers its input, each row-parallel one
+                # forward: each block gathers its input once, each row-parallel linear
                 # reduce-scatters its output; backward: the transposes (RS / AG) + one AG per
-                # column-parallel linear to re-gather its input for the weight gradient.
+                # block to re-gather its input for the weight gradients.
                 _add(out, "all_gather", "tp", bsh * (2 * c + r) * layers, (2 * c + r) * layers)
                 _add(out, "reduce_scatter", "tp", bsh * (c + r) * layers, (c + r) * layers)
                 if has_embed:  # forward RS, backward AG
@@ -284,7 +287,7 @@ def expected_comm_bytes(cfg, world_size: int, rank: int = 0, act_bytes: int | No
                     _add(out, "all_gather", "tp", 2 * bsh, 2)
                     _add(out, "reduce_scatter", "tp", bsh)
             else:
-                # forward: all-reduce of each row-parallel output; backward: of each column-parallel input grad
+                # forward: all-reduce of each row-parallel output; backward: of each block's input grad
                 _add(out, "all_reduce", "tp", bsh * (c + r) * layers, (c + r) * layers)
                 if has_embed:
                     _add(out, "all_reduce", "tp", bsh)

@@ -9,7 +9,7 @@ sequences of `seq_len` tokens whatever N; a model replica = tp·pp GPUs):
 
   compute    T_c = F_tok · tokens_per_gpu / (peak · MFU)   (F_tok = LlamaConfig.flops_per_token,
              × (1 + 1/3 of the dense part) with full recompute, + the attention-core forward with selective)
-  TP         per micro-batch and local layer, the engine's collectives (comm_model: 7 all-reduces of
+  TP         per micro-batch and local layer, the engine's collectives (comm_model: 4 all-reduces of
              [b,s,h] bf16, or the SP all-gathers/reduce-scatters) on NVLink; the c backward input-grad
              collectives are hidden behind weight-grad GEMMs by the `tp_overlap` share (tp_comm_overlap)
   PP         1F1B: T_pipe = (T_c + T_tp + T_p2p) · (m·v + p - 1)/(m·v)    (bubble (p-1)/(m·v+p-1));
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .comm_model import (COLUMN_LINEARS_PER_LAYER, ROW_LINEARS_PER_LAYER, Cluster, Link, collective_time,
+from .comm_model import (COLUMN_INPUTS_PER_LAYER, ROW_LINEARS_PER_LAYER, Cluster, Link, collective_time,
                          expected_comm_bytes, group_placement, p2p_link)
 
 GB = 1e9
@@ -140,7 +140,7 @@ class Projector:
         # TP: the engine's collectives per micro-batch and local layer
         layers = m.num_layers / pp
         bsh = b * self.seq * m.hidden_size * self.act
-        cl, rl = COLUMN_LINEARS_PER_LAYER, ROW_LINEARS_PER_LAYER
+        cl, rl = COLUMN_INPUTS_PER_LAYER, ROW_LINEARS_PER_LAYER
         t_tp = 0.0
         if tp > 1:
             if plan.sp:
