@@ -3,36 +3,43 @@
     jinpan data demo --output data/demo          # builds this too, under data/demo/sft/
 
 Writes (skipping what exists), all chat JSONL in the OpenAI `messages` format:
-  sft/facts.json                 the generated fact table (companies, city names) the lookups come from
+  sft/facts.json                 the generated fact table (companies: code and home city; city names)
   sft/stage1.jsonl               the large "open" set: every task type, general:finance = 4:1
   sft/stage2.jsonl               the smaller high-quality set (same mix, no noisy answers, more multi-turn)
   sft/valid.jsonl                held-out conversations -> eval_loss on answer tokens
   sft/heldout.jsonl              held-out prompts with reference answers -> train.eval_generate
-  sft/heldout_rephrased.jsonl    the same kind of prompts asked in phrasings never seen in training
+  sft/heldout_rephrased.jsonl    the same kinds of questions in phrasings training never uses at all
   sft/<name>.bin/.idx (+ .mask)  the four sets preprocessed with the `plain` template and data/demo/tokenizer.model
 
 Task types (zh and en forms of each; the answer is short and exact):
-  general (80%)  reading: a number or place stated in a short story ("how many minutes does X ...?")
+  general (80%)  reading: the one number in a short story ("每周画画几小时？" -> "3小时"; one digit)
                  translate: a city name between Chinese and English (from the fact table)
-                 arithmetic: one-digit addition ("3 加 4 等于多少？" -> 7)
-                 multi-turn: a reading question, then a follow-up about the same story
-  finance (20%)  figure: a figure stated in a results summary ("净利润是多少？" -> "3.2亿元")
+                 arithmetic: one-digit addition ("3加4等于多少？" / "Compute 3 + 4." -> 7)
+                 multi-turn: a reading question, then a follow-up about the same story (the city)
+  finance (20%)  figure: revenue or net income stated in a results summary (one digit, "3亿元")
                  direction: whether a metric rose or fell (增长/下降, increase/decrease)
-                 ticker: a company's stock code (from the fact table)
+                 ticker: a company's stock code (fact table)
+                 home city: the city a company is based in (fact table)
                  gross profit: revenue minus cost, in one-digit billions
-Held-out sets are new samples (new stories, names and figures) of the training distribution, never a
-conversation that occurs in stage1/stage2 (so a fact asked exactly as in training is not held out).
-heldout_rephrased.jsonl asks in phrasings training never shows (a harder, generalisation test). Stage 1 has ~5% noisy answers
-(a wrong number), the way open instruction sets do; stage 2 has none.
+
+What "held out" means (valid.jsonl, heldout.jsonl): no prompt there occurs in stage1/stage2.
+  - story tasks (reading, figure, direction, gross profit): new samples -- new names, cities, figures;
+  - fact lookups (translate, ticker, home city, arithmetic): every fact (a city pair, a company, a sum)
+    is taught in training, but one of its three phrasings is reserved for it (a different one per fact,
+    so every phrasing is still seen with other facts): heldout.jsonl asks the fact in the phrasing
+    training never pairs it with -- a held-out combination, answerable only from the learned fact.
+heldout_rephrased.jsonl asks in phrasings training never shows for any fact (a harder, generalisation
+test). Stage 1 has ~5% noisy answers (a wrong number), the way open instruction sets do; stage 2 has none.
 """
 from __future__ import annotations
 
 import json
 import random
+import zlib
 from pathlib import Path
 
-from .demo import (EN_ACTIVITIES, EN_CITIES, EN_FIN_A, EN_FIN_B, _en_person, _zh_person, ZH_ACTIVITIES,
-                   ZH_FIN_MID, ZH_FIN_PREFIX, ZH_INDUSTRY)
+from .demo import (EN_ACTIVITIES, EN_FIN_A, EN_FIN_B, _en_person, _zh_person, ZH_ACTIVITIES, ZH_FIN_MID,
+                   ZH_FIN_PREFIX, ZH_INDUSTRY)
 
 CITY_PAIRS = [("北京", "Beijing"), ("上海", "Shanghai"), ("广州", "Guangzhou"), ("深圳", "Shenzhen"),
               ("杭州", "Hangzhou"), ("南京", "Nanjing"), ("成都", "Chengdu"), ("武汉", "Wuhan"), ("西安", "Xi'an"),
@@ -42,9 +49,13 @@ CITY_PAIRS = [("北京", "Beijing"), ("上海", "Shanghai"), ("广州", "Guangzh
 NUM_COMPANIES = 12
 SETS = {"stage1": 6000, "stage2": 1500, "valid": 300, "heldout": 200, "heldout_rephrased": 200}
 
+# Which prompts a generator may produce. Generators take `held`: False (training), HELDOUT (valid/heldout)
+# or True (heldout_rephrased); demo_prefs.py passes the two booleans.
+HELDOUT = "heldout"
+
 
 def fact_table(seed: int) -> dict:
-    """Companies (Chinese and English name, stock code) and the city dictionary."""
+    """Companies (Chinese and English name, stock code, home city) and the city dictionary."""
     r = random.Random(f"facts:{seed}")
     names, companies = set(), []
     while len(companies) < NUM_COMPANIES:
@@ -54,96 +65,131 @@ def fact_table(seed: int) -> dict:
             continue
         names.update((zh, en))
         companies.append({"zh": zh, "en": en, "code": f"{r.choice(['600', '601', '000', '002', '300'])}{r.randint(100, 999)}"})
+    home = random.Random(f"facts:home:{seed}")  # a separate stream: names and codes stay as before
+    for co in companies:
+        co["city_zh"], co["city_en"] = home.choice(CITY_PAIRS)
     return {"companies": companies, "cities": [list(p) for p in CITY_PAIRS]}
 
 
+def _phrase(r, held, fact: str, train: list[str], rephrased: list[str]) -> str:
+    """A fact lookup's question form. Of the three `train` forms one, chosen by the fact, is reserved for the
+    held-out sets: training asks the fact in the other two, valid/heldout in that one."""
+    if held is True:
+        return r.choice(rephrased)
+    reserved = zlib.crc32(fact.encode("utf-8")) % len(train)
+    if held == HELDOUT:
+        return train[reserved]
+    return r.choice([p for i, p in enumerate(train) if i != reserved])
+
+
 # ---------------------------------------------------------------- task generators -> (turns, domain)
-def _reading(r, zh: bool, held: bool):
-    n = r.randint(10, 99)
+def _reading(r, zh: bool, held):
+    n = r.randint(1, 9)
+    city_zh, city_en = r.choice(CITY_PAIRS)
     if zh:
-        who, city, act = _zh_person(r), r.choice(CITY_PAIRS)[0], r.choice(ZH_ACTIVITIES)
-        story = f"{who}住在{city}，每天{act}{n}分钟。"
-        q = r.choice([f"{who}每天{act}多少分钟？", f"问：{who}每天花多长时间{act}？"] if held else
-                     [f"{who}每天{act}几分钟？", f"请问{who}每天{act}多少分钟？"])
-        follow = (f"{who}住在哪个城市？", city)
-        return [story + q, f"{n}分钟"], follow
-    who, city, act = _en_person(r), r.choice(EN_CITIES), r.choice(EN_ACTIVITIES)
-    story = f"{who} lives in {city} and spends {n} minutes {act} every day. "
-    q = r.choice([f"How long does {who} spend {act} each day?", f"Question: how many minutes of {act} a day?"] if held
-                 else [f"How many minutes does {who} spend {act} every day?", f"How many minutes a day is {who} {act}?"])
-    return [story + q, f"{n} minutes"], (f"Which city does {who} live in?", city)
+        who, act = _zh_person(r), r.choice(ZH_ACTIVITIES)
+        story = f"{who}住在{city_zh}，每周{act}{n}小时。"
+        q = r.choice([f"{who}每周花多长时间{act}？", f"问：{who}一周{act}多久？"] if held is True else
+                     [f"{who}每周{act}几小时？", f"请问{who}每周{act}多少小时？"])
+        return [story + q, f"{n}小时"], (f"{who}住在哪个城市？", city_zh)
+    who, act = _en_person(r), r.choice(EN_ACTIVITIES)
+    story = f"{who} lives in {city_en} and spends {n} hours {act} every week. "
+    q = r.choice([f"How long does {who} spend {act} each week?", f"Question: how many hours of {act} a week?"]
+                 if held is True else [f"How many hours a week does {who} spend {act}?",
+                                       f"How many hours does {who} spend {act} every week?"])
+    return [story + q, f"{n} hours"], (f"Which city does {who} live in?", city_en)
 
 
-def _translate(r, zh: bool, held: bool):
+def _translate(r, zh: bool, held):
     zh_name, en_name = r.choice(CITY_PAIRS)
     if zh:
-        q = r.choice([f"“{zh_name}”的英文名是什么？"] if held else [f"把“{zh_name}”翻译成英文。", f"“{zh_name}”用英文怎么说？"])
+        q = _phrase(r, held, f"translate:{zh_name}:zh",
+                    [f"把“{zh_name}”翻译成英文。", f"“{zh_name}”用英文怎么说？", f"“{zh_name}”的英文名是什么？"],
+                    [f"请给出“{zh_name}”的英文。"])
         return [q, en_name], None
-    q = r.choice([f"What is the Chinese name of {en_name}?"] if held else
-                 [f"Translate \"{en_name}\" into Chinese.", f"How do you write {en_name} in Chinese?"])
+    q = _phrase(r, held, f"translate:{en_name}:en",
+                [f"Translate \"{en_name}\" into Chinese.", f"How do you write {en_name} in Chinese?",
+                 f"What is the Chinese name of {en_name}?"], [f"{en_name} in Chinese, please."])
     return [q, zh_name], None
 
 
-def _arithmetic(r, zh: bool, held: bool):
+def _arithmetic(r, zh: bool, held):
     a, b = r.randint(0, 9), r.randint(0, 9)
     if zh:
-        q = r.choice([f"计算：{a}+{b}="] if held else [f"{a}加{b}等于多少？", f"{a}和{b}的和是多少？"])
+        q = _phrase(r, held, f"sum:{a}:{b}:zh", [f"{a}加{b}等于多少？", f"{a}和{b}的和是多少？", f"计算：{a}+{b}="],
+                    [f"{a}与{b}相加得几？"])
     else:
-        q = r.choice([f"Compute {a} + {b}."] if held else [f"What is {a} plus {b}?", f"Add {a} and {b}."])
+        q = _phrase(r, held, f"sum:{a}:{b}:en", [f"What is {a} plus {b}?", f"Add {a} and {b}.", f"Compute {a} + {b}."],
+                    [f"Sum of {a} and {b}?"])
     return [q, str(a + b)], None
 
 
-def _figure(r, zh: bool, held: bool, facts):
+def _figure(r, zh: bool, held, facts):
     co = r.choice(facts["companies"])
-    rev, prof = round(r.uniform(10, 99), 1), round(r.uniform(1, 9.9), 1)
+    rev = r.randint(2, 9)
+    prof = r.randint(1, rev - 1)
     if zh:
         text = f"{co['zh']}{r.randint(2018, 2024)}年营业收入为{rev}亿元，净利润为{prof}亿元。"
         if r.random() < 0.5:
-            return [text + ("营业收入是多少？" if held else "问：营业收入是多少？"), f"{rev}亿元"], None
-        return [text + ("净利润是多少？" if held else "问：净利润是多少？"), f"{prof}亿元"], None
+            return [text + ("营业收入多少？" if held is True else "问：营业收入是多少？"), f"{rev}亿元"], None
+        return [text + ("净利润多少？" if held is True else "问：净利润是多少？"), f"{prof}亿元"], None
     text = f"{co['en']} reported revenue of ${rev} billion and net income of ${prof} billion for {r.randint(2018, 2024)}. "
     if r.random() < 0.5:
-        return [text + ("Revenue?" if held else "What was the revenue?"), f"${rev} billion"], None
-    return [text + ("Net income?" if held else "What was the net income?"), f"${prof} billion"], None
+        return [text + ("Revenue?" if held is True else "What was the revenue?"), f"${rev} billion"], None
+    return [text + ("Net income?" if held is True else "What was the net income?"), f"${prof} billion"], None
 
 
-def _direction(r, zh: bool, held: bool, facts):
+def _direction(r, zh: bool, held, facts):
     co, up, p = r.choice(facts["companies"]), r.random() < 0.5, round(r.uniform(0.5, 40), 1)
     if zh:
         text = f"{co['zh']}净利润同比{'增长' if up else '下降'}{p}%。"
-        return [text + ("净利润是增长还是下降？" if not held else "利润上升了还是下降了？"), "增长" if up else "下降"], None
+        return [text + ("利润上升了还是下降了？" if held is True else "净利润是增长还是下降？"), "增长" if up else "下降"], None
     text = f"{co['en']}'s net income {'rose' if up else 'fell'} {p}% from a year earlier. "
-    return [text + ("Did net income increase or decrease?" if not held else "Increase or decrease?"),
+    return [text + ("Increase or decrease?" if held is True else "Did net income increase or decrease?"),
             "increase" if up else "decrease"], None
 
 
-def _ticker(r, zh: bool, held: bool, facts):
+def _ticker(r, zh: bool, held, facts):
     co = r.choice(facts["companies"])
     if zh:
-        q = f"{co['zh']}的股票代码？" if held else r.choice([f"{co['zh']}的股票代码是什么？", f"请问{co['zh']}的代码是多少？"])
+        q = _phrase(r, held, f"ticker:{co['zh']}", [f"{co['zh']}的股票代码是什么？", f"请问{co['zh']}的代码是多少？",
+                                                     f"{co['zh']}在交易所的代码？"], [f"{co['zh']}的股票代码？"])
     else:
-        q = f"Ticker of {co['en']}?" if held else r.choice([f"What is the stock code of {co['en']}?",
-                                                            f"Which code does {co['en']} trade under?"])
+        q = _phrase(r, held, f"ticker:{co['en']}", [f"What is the stock code of {co['en']}?",
+                                                     f"Which code does {co['en']} trade under?",
+                                                     f"{co['en']} is listed under which code?"], [f"Ticker of {co['en']}?"])
     return [q, co["code"]], None
 
 
-def _gross(r, zh: bool, held: bool, facts):
+def _home_city(r, zh: bool, held, facts):
+    co = r.choice(facts["companies"])
+    if zh:
+        q = _phrase(r, held, f"home:{co['zh']}", [f"{co['zh']}的总部在哪个城市？", f"{co['zh']}总部位于哪里？",
+                                                   f"请问{co['zh']}设在哪座城市？"], [f"{co['zh']}是哪个城市的公司？"])
+        return [q, co["city_zh"]], None
+    q = _phrase(r, held, f"home:{co['en']}", [f"Which city is {co['en']} based in?", f"Where is {co['en']} headquartered?",
+                                               f"{co['en']} has its head office in which city?"],
+                [f"Home city of {co['en']}?"])
+    return [q, co["city_en"]], None
+
+
+def _gross(r, zh: bool, held, facts):
     co = r.choice(facts["companies"])
     cost = r.randint(1, 8)
     rev = r.randint(cost + 1, 9)
     if zh:
-        q = f"{co['zh']}营业收入{rev}亿元，营业成本{cost}亿元，毛利{'为多少' if held else '是多少'}？"
+        q = f"{co['zh']}营业收入{rev}亿元，营业成本{cost}亿元，毛利{'为多少' if held is True else '是多少'}？"
         return [q, f"{rev - cost}亿元"], None
     q = f"{co['en']} had revenue of ${rev} billion and costs of ${cost} billion. " + (
-        "Gross profit?" if held else "What was the gross profit?")
+        "Gross profit?" if held is True else "What was the gross profit?")
     return [q, f"${rev - cost} billion"], None
 
 
 GENERAL = (_reading, _translate, _arithmetic)
-FINANCE = (_figure, _direction, _ticker, _gross)
+FINANCE = (_figure, _direction, _ticker, _home_city, _gross)
 
 
-def conversation(r: random.Random, facts: dict, held: bool, noisy: float, multi_turn: float) -> dict:
+def conversation(r: random.Random, facts: dict, held, noisy: float, multi_turn: float) -> dict:
     """One conversation: general 80% / finance 20%, zh 50% / en 50%."""
     zh = r.random() < 0.5
     if r.random() < 0.8:
@@ -165,21 +211,30 @@ def conversation(r: random.Random, facts: dict, held: bool, noisy: float, multi_
     return {"messages": messages, "domain": domain, "task": task.__name__.strip("_"), "lang": "zh" if zh else "en"}
 
 
+def prompts_of(conversation: dict) -> set[str]:
+    """Every user turn with the conversation before it: the prompts a model is trained or scored on."""
+    out, history = set(), []
+    for m in conversation["messages"]:
+        if m["role"] == "user":
+            out.add(json.dumps(history + [m], ensure_ascii=False))
+        history.append(m)
+    return out
+
+
 def generate_sets(seed: int) -> dict[str, list[dict]]:
     facts = fact_table(seed)
     out, seen = {}, set()
     for name, n in SETS.items():
         r = random.Random(f"sft:{name}:{seed}")
-        held = name == "heldout_rephrased"  # other held-out sets: new samples, training phrasings
         train = name in ("stage1", "stage2")
+        held = False if train else True if name == "heldout_rephrased" else HELDOUT
         rows = []
         while len(rows) < n:
             c = conversation(r, facts, held, noisy=0.05 if name == "stage1" else 0.0,
                              multi_turn=0.6 if name == "stage2" else 0.3)
-            key = json.dumps(c["messages"], ensure_ascii=False)
             if train:
-                seen.add(key)
-            elif key in seen:  # held out means never trained on (a one-digit sum asked the same way, ...)
+                seen.update(prompts_of(c))
+            elif prompts_of(c) & seen:  # held out means no prompt of it was trained on (a story drawn twice, ...)
                 continue
             rows.append(c)
         out[name] = rows
