@@ -52,6 +52,8 @@ class TrainConfig:
     # lora: only the low-rank adapters of `lora.*` train (parallel/lora.py); the base stays frozen.
     trainable: Literal["all", "embeddings", "new_embeddings", "lora"] = "all"
     recompute: Literal["none", "selective", "full"] = "none"
+    # blocks: torch.compile each transformer block (after TP/SP/PP/recompute; parallel/compile.py).
+    compile: Literal["none", "blocks"] = "none"
     dtype: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
     eval_interval: int = 0  # 0 = no periodic eval

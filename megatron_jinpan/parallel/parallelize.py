@@ -11,6 +11,7 @@
    all layouts start from identical weights;
 5. kernels and activation recompute;
 5b. with `train.trainable: lora`, wrap the target projections with LoRA adapters (lora.py);
+5c. with `train.compile: blocks`, torch.compile each transformer block (compile.py);
 6. wrap each chunk for data-parallel gradient reduction (data.py).
 """
 from __future__ import annotations
@@ -63,6 +64,10 @@ def build_model(cfg, mesh) -> list[nn.Module]:
             from .lora import apply_lora
 
             apply_lora(chunk, cfg.lora, cfg.train.seed, mesh)
+        if cfg.train.compile == "blocks":
+            from .compile import compile_blocks
+
+            compile_blocks(chunk)
         chunks.append(chunk)
     return wrap_data_parallel(chunks, mesh, cfg)
 

@@ -87,5 +87,11 @@ def validate_config(cfg: Config, world_size: int) -> None:
     if problems:
         raise ConfigError("bad parallel layout: " + "; ".join(problems))
     problems = kernel_problems(cfg)
+    if cfg.train.compile != "none":
+        from .. import device as devices
+        from .compile import compile_problems
+
+        device = cfg.train.device
+        problems += compile_problems(cfg, devices.default_device_type() if device == "auto" else device.split(":")[0])
     if problems:
         raise ConfigError("; ".join(problems))
