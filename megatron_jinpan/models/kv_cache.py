@@ -25,9 +25,12 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    def __init__(self, batch: int, max_len: int, device=None):
+    def __init__(self, batch: int, max_len: int, device=None, last_position_only: bool = False):
         self.batch, self.max_len = batch, max_len
         self.device = device
+        # True: the last stage's norm/head run on each step's last position only (logits [b, 1, V]),
+        # all a sampler reads; False: logits for every position of the step (tests compare them).
+        self.last_position_only = last_position_only
         self.length = 0                        # positions filled so far
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.keys: dict[str, torch.Tensor] = {}

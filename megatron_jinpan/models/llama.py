@@ -153,6 +153,8 @@ class Llama(nn.Module):
                 h = layer(h, cos, sin, cu_seqlens)
         if kv_cache is not None:
             kv_cache.end()
+            if kv_cache.last_position_only and self.norm is not None:
+                h = h[:, -1:]  # sampling reads the last position only; a prefill would pay prompt x vocab
         if self.norm is not None:
             h = self.norm(h)
         if self.lm_head is not None:
