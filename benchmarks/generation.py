@@ -49,6 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: 1 on CPU, where a shared machine makes OpenMP spin)")
     p.add_argument("--no-cache-max", type=int, default=256, help="skip no_cache above this many new tokens")
+    p.add_argument("--no-cache-max-batch", type=int, default=1,
+                   help="skip no_cache above this batch (its cost grows with the square of the length: at batch 4 "
+                        "and 256 tokens one run takes minutes on CPU, and the cache's advantage only grows with batch)")
+    p.add_argument("--no-cache-repeats", type=int, default=2, help="rounds that include no_cache")
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/generation_<device>.csv)")
     return p.parse_args(argv)
 
@@ -82,19 +86,23 @@ def median(xs):
     return statistics.median(xs)
 
 
-def interleaved_times(fns: dict, repeats: int, device) -> tuple[dict, dict, dict]:
+def interleaved_times(fns: dict, repeats: int, device, limited: dict | None = None) -> tuple[dict, dict, dict]:
     """Wall and CPU (process) seconds of each provider in each of `repeats` rounds after a warm-up.
 
     Providers alternate within a round (and the order flips every round), so a busy machine slows them
     alike instead of whichever ran during a spike. CPU time is what this process used: on a shared,
     oversubscribed CPU it is far less noisy than wall time (other jobs steal wall time, not our CPU
-    seconds), while on an idle machine and on GPU the two agree."""
-    results = {name: fn() for name, fn in fns.items()}  # warm-up
+    seconds), while on an idle machine and on GPU the two agree. A provider in `limited` (name -> n) runs
+    in the first n rounds only, without a warm-up (the slow no-cache decoding: the others warm the model)."""
+    limited = limited or {}
+    results = {name: fn() for name, fn in fns.items() if name not in limited}  # warm-up
     wall = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
+            if r >= limited.get(name, repeats):
+                continue
             devices.synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             results[name] = fns[name]()
@@ -125,10 +133,10 @@ def main(argv=None) -> None:
                 "hf": lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
                                           min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0),
             }
-            if new <= args.no_cache_max:
+            if new <= args.no_cache_max and batch <= args.no_cache_max_batch:
                 fns["no_cache"] = lambda: no_cache_decode(model, prompts, new)
             load_before = os.getloadavg()[0]
-            wall, cpu, out = interleaved_times(fns, args.repeats, device)
+            wall, cpu, out = interleaved_times(fns, args.repeats, device, {"no_cache": args.no_cache_repeats})
             same = out["ours"].responses == out["hf"][:, args.prompt_len:].tolist()
             tokens = batch * new
             # Ratios are medians over rounds of the within-round ratio (both ran back to back).
