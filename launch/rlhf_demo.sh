@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
+# One OpenMP thread per process: on a shared (oversubscribed) CPU spinning OpenMP threads slow steps
+# by orders of magnitude (docs/reward.md); on an idle machine it costs little.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PYTHON=${PYTHON:-python}
 jinpan() { "$PYTHON" -m megatron_jinpan "$@"; }
 trained() { [ -f "$1/checkpoints/latest" ]; }
@@ -16,10 +19,12 @@ trained() { [ -f "$1/checkpoints/latest" ]; }
 jinpan data demo --output data/demo > /dev/null
 trained runs/demo || bash launch/demo.sh
 trained runs/sft_tiny/stage2 || bash launch/sft_two_stage.sh
-trained runs/reward_tiny || jinpan reward --config configs/reward/tiny.yaml --nproc "$NPROC" \
-  checkpoint.load=runs/sft_tiny/stage2
+# The reward model: configs/reward/tiny.yaml, a narrow tiny (4 x 128) trained from scratch on the demo
+# preference pairs (~4 min, docs/reward.md); PPO builds it (and the critic started from it) in its own shape.
+trained runs/reward_tiny || jinpan reward --config configs/reward/tiny.yaml
 
-# PPO prompts: the user turns of the SFT stage-2 arithmetic and reading tasks (rule-checkable).
+# PPO prompts: the first user turn of the SFT stage-2 arithmetic and reading tasks (rule-checkable; a
+# reading record's later turns ask other questions).
 "$PYTHON" - <<'PY'
 import json, os
 os.makedirs("data/demo/ppo", exist_ok=True)
@@ -29,8 +34,8 @@ with open("data/demo/ppo/prompts.jsonl", "w", encoding="utf-8") as out:
         rec = json.loads(line)
         if rec.get("task") not in ("arithmetic", "reading"):
             continue
-        user = [m["content"] for m in rec["messages"] if m["role"] == "user"]
-        out.write(json.dumps({"prompt": user[-1]}, ensure_ascii=False) + "\n")
+        user = next(m["content"] for m in rec["messages"] if m["role"] == "user")
+        out.write(json.dumps({"prompt": user}, ensure_ascii=False) + "\n")
         n += 1
 print(f"data/demo/ppo/prompts.jsonl: {n} prompts")
 PY

@@ -306,3 +306,26 @@ def test_bad_reward_function_and_roles(tmp_path):
     cfg = load_config(None, ["model.name=debug", "model.vocab_size=300"])
     with pytest.raises(PPOError, match="same tokenizer"):
         _check_role("reference", "ppo.reference", str(tmp_path / "hf"), cfg, "lm")
+
+
+def test_reward_model_and_critic_may_have_their_own_shape(tmp_path):
+    """A reward model narrower than the actor (only the vocabulary is shared): the frozen RM and the
+    critic started from it take the RM's shape; one PPO step scores with it."""
+    import transformers
+
+    from megatron_jinpan.posttrain.ppo import train_ppo
+
+    _tokenizer_dir(tmp_path / "tok")
+    rm = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=0))
+    rm.save_pretrained(tmp_path / "rm")
+    records, roles, _ = train_ppo(_loop_config(tmp_path, 1, [
+        "checkpoint.resume=never", "checkpoint.interval=0", f"ppo.reward_model={tmp_path / 'rm'}",
+        "ppo.reward_model_weight=1.0"]))
+    from megatron_jinpan.parallel.parallelize import unwrap
+
+    reward, critic, actor = (unwrap(chunks[0]).cfg for chunks in (roles.reward, roles.critic, roles.actor))
+    assert reward.hidden_size == 32 and critic.hidden_size == 32 and critic.head == "value"
+    assert actor.hidden_size == 64 and actor.head == "lm"
+    assert math.isfinite(records[0]["score_rm"]) and math.isfinite(records[0]["value_loss"])

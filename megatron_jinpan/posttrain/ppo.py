@@ -93,10 +93,31 @@ def check_ppo_config(cfg, world_size: int) -> None:
         raise PPOError("the actor needs model.head=lm (the critic's value head is added by PPO itself)")
 
 
-def critic_config(cfg):
-    """The critic's Config: the actor's with a value head, its own run_dir and learning rate."""
+def role_config(cfg, source: str | None, head: str):
+    """A role's Config: the actor's (layout, kernels, dtype) with the model shape of the checkpoint the
+    role starts from, so a reward model or critic may be smaller or larger than the actor (only the
+    vocabulary must match, see _check_role); the actor's shape when it starts from the actor."""
+    from ..checkpoint.load import model_config_of
+
     c = copy.deepcopy(cfg)
-    c.model = dataclasses.replace(c.model, head="value")
+    shape = model_config_of(source) if source and source != actor_source(cfg) else cfg.model
+    c.model = dataclasses.replace(shape, head=head)
+    return c
+
+
+def _check_role_layout(role: str, key: str, source, rcfg, world: int) -> None:
+    """A role shaped unlike the actor must still split over the layout (heads % tp, layers % pp, ...)."""
+    from ..parallel.validate import layout_problems
+
+    problems = layout_problems(rcfg, world)
+    if problems:
+        raise PPOError(f"{role} ({key}={source}) does not fit the layout: " + "; ".join(problems))
+
+
+def critic_config(cfg):
+    """The critic's Config: a value model shaped like its source checkpoint (ppo.critic, else the reward
+    model, else the actor with a fresh value head), its own run_dir and learning rate."""
+    c = role_config(cfg, cfg.ppo.critic or cfg.ppo.reward_model, "value")
     c.run_dir = str(Path(cfg.run_dir) / "critic")
     if cfg.ppo.critic_lr is not None:
         c.optim.lr = float(cfg.ppo.critic_lr)
@@ -264,13 +285,17 @@ def build_roles(cfg, mesh) -> Roles:
     critic = critic_opt = ccfg = None
     if p.advantage == "gae":
         ccfg = critic_config(cfg)
+        _check_role_layout("critic", "ppo.critic", ccfg.checkpoint.load, ccfg, mesh.world_size)
         critic = build_model(ccfg, mesh)
         critic_opt = build_optimizer(critic, ccfg, mesh)
-    reference = build_frozen_model(cfg, mesh, p.reference or actor_source(cfg))
+    ref_source = p.reference or actor_source(cfg)
+    ref_cfg = role_config(cfg, ref_source, "lm")
+    _check_role_layout("reference", "ppo.reference", ref_source, ref_cfg, mesh.world_size)
+    reference = build_frozen_model(ref_cfg, mesh, ref_source)
     reward = norm = None
     if p.reward_model:
-        rcfg = copy.deepcopy(cfg)
-        rcfg.model = dataclasses.replace(cfg.model, head="value")
+        rcfg = role_config(cfg, p.reward_model, "value")
+        _check_role_layout("reward model", "ppo.reward_model", p.reward_model, rcfg, mesh.world_size)
         reward = build_frozen_model(rcfg, mesh, p.reward_model)
         norm = normalization_of(p.reward_model) if p.reward_normalize else None
     return Roles(actor, actor_opt, critic, critic_opt, ccfg, reference, reward, norm, reward_fn)
