@@ -22,6 +22,10 @@ Layout of one chunk's `DataParallel`:
   into `shard_grad`, this rank's contiguous slice of every bucket (zero=1).
   Without overlap, `finish_grad_sync()` launches every bucket at the end.
   Reductions SUM over dp (the loss is already scaled by 1/global tokens);
+- the token embedding sits alone in the last bucket: its gradient is the last
+  one backward produces, so the layer-0 weights that precede it go out in an
+  earlier bucket instead of waiting for it, and what is left to send after
+  backward is the embedding alone (`sits_alone`);
 - with a tied embedding split across pipeline stages (pp > 1), the embedding
   / LM-head copy sits alone in its own bucket, so its ZeRO shard has the same
   shape on the first and the last stage and the two can be summed over
@@ -67,6 +71,16 @@ def apply_trainable(module: nn.Module, trainable: str) -> None:
         else:
             keep = trainable == "all" or specs[name].name in EMBEDDING_NAMES or name in EMBEDDING_NAMES
         param.requires_grad_(keep)
+
+
+def sits_alone(name: str, tied_split: bool) -> bool:
+    """Does parameter `name` (global name) get a bucket of its own?
+
+    The token embedding always: its gradient is the last of backward, so sharing a bucket would hold
+    back gradients that were ready earlier (perf/comm_model.py mirrors this). Under a tied embedding
+    split across stages, the LM-head copy too, so both copies' ZeRO shards line up.
+    """
+    return name == "embed_tokens.weight" or (tied_split and name in EMBEDDING_NAMES)
 
 
 @dataclass
@@ -120,7 +134,7 @@ class DataParallel(nn.Module):
         current: list = []
         size = 0
         for name, param in named:
-            alone = tied_split and specs[name].name in EMBEDDING_NAMES
+            alone = sits_alone(specs[name].name, tied_split)
             if current and (alone or size >= self.bucket_elems):
                 groups.append(current)
                 current, size = [], 0

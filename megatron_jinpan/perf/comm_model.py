@@ -204,11 +204,12 @@ def chunk_param_numels(m, tp: int = 1, pp: int = 1, pp_rank: int = 0, virtual_st
 def bucket_numels(params: list[tuple[str, int]], dp: int, bucket_mb: float = 25.0,
                   tied_split: bool = False) -> list[int]:
     """Padded sizes of the DP gradient buckets of one chunk (mirrors parallel/data.py's layout)."""
+    from ..parallel.data import sits_alone
     bucket_elems = max(1, int(float(bucket_mb) * 2**20 / 4))
     quantum = dp * _PAD_ELEMS
     groups, size, current = [], 0, []
     for name, numel in reversed(params):
-        alone = tied_split and name in ("embed_tokens.weight", "lm_head.weight")
+        alone = sits_alone(name, tied_split)
         if current and (alone or size >= bucket_elems):
             groups.append(size)
             current, size = [], 0
