@@ -29,11 +29,18 @@ link is free (whichever is later). The real gloo collective still runs, so
 results stay correct. On a GPU (`--device auto`, nccl) use `--link-gbps 0`
 to measure the real link.
 
+`hidden_bound` is the most any bucketing could hide in that run: the link
+cannot start before the first bucket exists, and the last bucket (the token
+embedding, whose gradient is the last op of backward) cannot start before
+backward ends -- in `tiny` the embedding is 16% of all gradient bytes, which
+caps the hidden share near 84% whatever the engine does. `--layers N` runs the
+same model deeper (a smaller embedding share, as in LLaMA-7B's 2%).
+
 Exact command used for benchmarks/results/overlap_cpu.csv:
 
     python benchmarks/overlap.py --model tiny --nproc 2 --seq-len 256 --bucket-mb 4 \
         --link-gbps 2 --iters 12 --out benchmarks/results/overlap_cpu.csv
-    (and the same with --zero 1, and with --link-gbps 8)
+    (and the same with --zero 1, with --link-gbps 8, and with --layers 32; rows carry commit and load)
 """
 from __future__ import annotations
 
@@ -129,7 +136,8 @@ def _hidden_bound(transfers, backward_end: float) -> float:
 # ------------------------------------------------------------------ worker
 
 def _overrides(args, overlap: bool) -> list[str]:
-    return [f"model.name={args.model}", "data.mock=true", f"train.seq_len={args.seq_len}", "train.micro_batch=1",
+    layers = [f"model.num_layers={args.layers}"] if args.layers else []
+    return [f"model.name={args.model}", *layers, "data.mock=true", f"train.seq_len={args.seq_len}", "train.micro_batch=1",
             f"train.global_batch={args.nproc}", f"train.device={args.device}", f"parallel.bucket_mb={args.bucket_mb}",
             f"parallel.zero={args.zero}", f"parallel.overlap_grad_reduce={str(overlap).lower()}",
             "log.progress=false", "log.tensorboard=false", "run_dir=/tmp/jinpan_overlap_bench"]
@@ -207,6 +215,7 @@ def _worker(rank, args, port, out_path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--layers", type=int, default=0, help="override model.num_layers (0: the model's own)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--bucket-mb", type=float, default=4.0)
@@ -227,7 +236,9 @@ def main(argv=None):
     t_c, t_off, t_on = (rows[m]["time_s"] for m in ("compute_only", "overlap_off", "overlap_on"))
     exposed_off, exposed_on = t_off - t_c, t_on - t_c
     hidden = (t_off - t_on) / exposed_off if exposed_off > 0 else float("nan")
-    record = {"model": args.model, "nproc": args.nproc, "seq_len": args.seq_len, "zero": args.zero,
+    from megatron_jinpan.perf.metadata import git_commit, hardware
+
+    record = {"model": args.model + (f"-L{args.layers}" if args.layers else ""), "nproc": args.nproc, "seq_len": args.seq_len, "zero": args.zero,
               "bucket_mb": args.bucket_mb, "buckets": rows["overlap_on"]["buckets"],
               "grad_mb": round(rows["overlap_on"]["grad_mb"], 2), "link_gbps": args.link_gbps,
               "modelled_link_s": round(rows["overlap_off"]["modelled_link_s"], 4),
@@ -242,17 +253,19 @@ def main(argv=None):
               "last_bucket_mb": round(rows["overlap_on"]["last_bucket_mb"], 2),
               "median_compute_only_s": round(rows["compute_only"]["median_s"], 4),
               "median_overlap_off_s": round(rows["overlap_off"]["median_s"], 4),
-              "median_overlap_on_s": round(rows["overlap_on"]["median_s"], 4)}
+              "median_overlap_on_s": round(rows["overlap_on"]["median_s"], 4),
+              "hardware": hardware(), "commit": git_commit(), "load_avg_1m": round(os.getloadavg()[0], 2),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     for key, value in record.items():
         print(f"{key:>20}: {value}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with out.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(record))
-        if new:
-            writer.writeheader()
-        writer.writerow(record)
+    old = list(csv.DictReader(out.open())) if out.exists() else []
+    fields = list(record) + [k for k in (old[0] if old else {}) if k not in record]  # older rows keep their columns
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(old + [record])
     return record
 
 
