@@ -23,7 +23,7 @@ test-gpu: install
 bench-smoke: install
 	$(PYTHON) benchmarks/kernels.py --smoke
 
-# every GPU measurement on one lent GPU (<= 8 min); installs missing packages from .gpu-wheels
+# every GPU measurement on one lent GPU (<= 10 min); installs missing packages from .gpu-wheels
 bench-gpu:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_all.sh
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one run (<= 8 minutes on one lent GPU), CSVs with GPU name, versions and commit:
+# Every GPU measurement in one run (<= 10 minutes on one lent GPU: the step limits add up to 600 s), CSVs with GPU name, versions and commit:
 #   make bench-gpu                               # = benchmarks/gpu_all.sh
 #   benchmarks/gpu_all.sh [--wheels DIR] [--out DIR]
 #   benchmarks/gpu_all.sh --dry-run --out /tmp/b   # CPU, tiny shapes, no speed claims: CI keeps it from rotting
@@ -10,6 +10,9 @@
 #                                F.rms_norm, SDPA, Liger if installed
 #   3. benchmarks/throughput.py  LLaMA-7B layer stack: tokens/s and MFU, our kernels vs SDPA (+ compile)
 #   4. benchmarks/generation.py  generation tokens/s (KV cache vs Hugging Face vs no cache)
+#   5. benchmarks/attention_spills.py  n_regs / n_spills of every FlashAttention config (head_dim 64, 128)
+#   6. benchmarks/layer_traffic.py     per-op launches and bytes of a decoder layer under bf16 autocast
+#                                      (docs/kernels.md "First GPU run" lists what to compare)
 # Python packages missing on the GPU machine are installed offline from the wheels that
 # ../shared/tools/gpu-wheels.sh fetched into DIR (default .gpu-wheels; carry it to the device run).
 # No GPU, or a missing package without its wheel: stop at once with what to do.
@@ -82,12 +85,16 @@ if [[ $DRY == 1 ]]; then
   run 120 "throughput" "$PYTHON" benchmarks/throughput.py --smoke --variants eager_sdpa --iters 1 --warmup 0 --out "$OUT"
   run 120 "generation" "$PYTHON" benchmarks/generation.py --model debug --batch 1 --new-tokens 4 --repeats 1 \
     --out "$OUT/generation_dry_run.csv"
+  run 120 "layer traffic" "$PYTHON" benchmarks/layer_traffic.py --model debug --backends torch --label dry_run \
+    --out "$OUT/layer_traffic_dry_run.csv"
 else
   run 150 "gpu tests" env JINPAN_GPU_TESTS=1 "$PYTHON" -m pytest -q -m gpu tests
   run 150 "kernels" "$PYTHON" benchmarks/kernels.py --out "$OUT"
   run 120 "throughput" "$PYTHON" benchmarks/throughput.py --out "$OUT"
   run 60 "generation" "$PYTHON" benchmarks/generation.py --model small --dtype bf16 --batch 8 --new-tokens 256 \
     --device auto --out "$OUT/generation_gpu.csv"
+  run 60 "attention spills" "$PYTHON" benchmarks/attention_spills.py --out "$OUT/attention_spills_gpu.csv"
+  run 60 "layer traffic" "$PYTHON" benchmarks/layer_traffic.py --device cuda --label gpu --out "$OUT/layer_traffic_gpu.csv"
 fi
 step "done (status $status); CSVs in $OUT"
 ls -1 "$OUT"/*.csv 2>/dev/null | sed 's/^/  /'

@@ -100,7 +100,9 @@ def _launch(q, k, cos, sin, q_out, k_out, backward: bool):
     per_token = (triton.next_power_of_2(hq) + triton.next_power_of_2(hk)) * block_half
     # ~8K elements per program on a GPU; bigger blocks under the CPU interpreter (per-program overhead).
     target = 65536 if q.device.type == "cpu" else 8192
-    block_t = max(1, min(triton.next_power_of_2(b * s), target // per_token))
+    fit = max(1, target // per_token)
+    fit = 1 << (fit.bit_length() - 1)  # tl.arange needs a power of two (6 q heads + 2 kv: 320 per token)
+    block_t = min(triton.next_power_of_2(b * s), fit)
     work = block_t * per_token
     warps = 1 if work <= 512 else 2 if work <= 2048 else 4 if work <= 8192 else 8
     _rotary_kernel[(triton.cdiv(b * s, block_t),)](

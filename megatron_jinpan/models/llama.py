@@ -29,8 +29,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.backend = "torch"
 
-    def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps, self.backend)
+    def forward(self, x, residual=None):
+        """norm(x); with `residual`: (norm(x + residual), x + residual) in one fused pass."""
+        return ops.rms_norm(x, self.weight, self.eps, self.backend, residual=residual)
 
 
 def project(x, *linears):
@@ -56,7 +57,8 @@ class Attention(nn.Module):
         self.attention_backend = "sdpa"
         self.recompute_core = False  # train.recompute=selective
 
-    def forward(self, x, cos, sin, cu_seqlens=None, kv_cache=None):
+    def forward(self, x, cos, sin, docs=None, kv_cache=None):
+        """`docs`: the micro-batch's ops.PackedDocuments (built once in Llama.forward), or None."""
         # Head counts come from the projections' outputs, so a tensor-parallel
         # shard (fewer local heads, or a gathered sequence under SP) just works.
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
@@ -69,13 +71,13 @@ class Attention(nn.Module):
             # Incremental decoding (models/kv_cache.py): attend to every cached key of the sequence.
             out = kv_cache.attend(q, k, v)
         elif self.recompute_core and torch.is_grad_enabled():
-            out = checkpoint(self._core, q, k, v, cu_seqlens, use_reentrant=False)
+            out = checkpoint(self._core, q, k, v, docs, use_reentrant=False)
         else:
-            out = self._core(q, k, v, cu_seqlens)
+            out = self._core(q, k, v, docs)
         return self.o_proj(out.reshape(b, s, -1))
 
-    def _core(self, q, k, v, cu_seqlens):
-        return ops.attention(q, k, v, cu_seqlens=cu_seqlens, backend=self.attention_backend)
+    def _core(self, q, k, v, docs):
+        return ops.attention(q, k, v, docs=docs, backend=self.attention_backend)
 
 
 class MLP(nn.Module):
@@ -99,9 +101,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, kv_cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, cos, sin, docs=None, kv_cache=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, docs, kv_cache)
+        # h = x + attn and its norm in one pass (the residual stream keeps x's dtype; fp32 under autocast).
+        normed, h = self.post_attention_layernorm(attn, residual=x)
+        return h + self.mlp(normed)
 
 
 class Llama(nn.Module):
@@ -144,13 +148,18 @@ class Llama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         cos, sin = ops.rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        # Packed-document bounds once per micro-batch, shared by every layer (and their recompute).
+        docs = None
+        if cu_seqlens is not None and kv_cache is None and len(self.layers):
+            backend = next(iter(self.layers.values())).self_attn.attention_backend
+            docs = ops.PackedDocuments(cu_seqlens, *position_ids.shape, backend=backend, device=h.device)
         for name, layer in self.layers.items():
             if kv_cache is not None:
                 h = layer(h, cos, sin, None, kv_cache.layer(name))
             elif self.recompute_layers and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, cu_seqlens, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, docs, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, cu_seqlens)
+                h = layer(h, cos, sin, docs)
         if kv_cache is not None:
             kv_cache.end()
             if kv_cache.last_position_only and self.norm is not None:
