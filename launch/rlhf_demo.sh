@@ -40,25 +40,36 @@ with open("data/demo/ppo/prompts.jsonl", "w", encoding="utf-8") as out:
 print(f"data/demo/ppo/prompts.jsonl: {n} prompts")
 PY
 
-start=$(date +%s)
+ppo_start=$(date +%s)
+start=$ppo_start
 jinpan ppo --config configs/ppo/tiny.yaml --nproc "$NPROC" run_dir=runs/ppo_tiny/rule "$@"
 echo "   rule run: $(( $(date +%s) - start )) s"
 start=$(date +%s)
-jinpan ppo --config configs/ppo/tiny.yaml --nproc "$NPROC" run_dir=runs/ppo_tiny/rm \
-  ppo.reward_fn=null ppo.reward_model_weight=1.0 "$@"
-echo "   rm run: $(( $(date +%s) - start )) s"
+jinpan ppo --config configs/ppo/tiny_rm.yaml --nproc "$NPROC" run_dir=runs/ppo_tiny/rm "$@"
+echo "   rm run: $(( $(date +%s) - start )) s; PPO part $(( $(date +%s) - ppo_start )) s"
 
 "$PYTHON" - <<'PY'
 import json
-for name, lo, hi in (("rule", 0.0, 1.0), ("rm", None, None)):
+import os
+
+def mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows)
+
+for name, key in (("rule", "score_rule"), ("rm", "score_rm")):
     lines = [json.loads(l) for l in open(f"runs/ppo_tiny/{name}/metrics.jsonl")]
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     first, last = lines[:5], lines[-5:]
-    r0, r1 = mean(first, "reward_mean"), mean(last, "reward_mean")
-    line = (f"== ppo {name}: {len(lines)} steps, reward {r0:.3f} -> {r1:.3f}, KL {mean(first, 'kl'):.4f} -> "
-            f"{mean(last, 'kl'):.4f}, response_len {mean(first, 'response_len'):.1f} -> {mean(last, 'response_len'):.1f}, "
-            f"gen {mean(lines, 'gen_tokens_per_s'):.0f} tok/s, max |logp gen - train| {max(l['logprob_diff_max'] for l in lines):.1e}")
-    if lo is not None:
-        line += f"; rise = {(r1 - r0) / (hi - lo):.0%} of the reward's range"
-    print(line)
+    r0, r1 = mean(first, key), mean(last, key)
+    print(f"== ppo {name} ({lines[0].get('kl_coef', 0):g} kl_coef): {len(lines)} steps, {key} {lines[0][key]:.3f} at step 1, "
+          f"{r0:.3f} -> {r1:.3f} (mean of the first -> last 5 steps); KL to the reference {mean(first, 'kl'):.3f} -> "
+          f"{mean(last, 'kl'):.3f} (max {max(l['kl'] for l in lines):.3f}); response_len {mean(first, 'response_len'):.1f} -> "
+          f"{mean(last, 'response_len'):.1f}; entropy {mean(first, 'entropy'):.3f} -> {mean(last, 'entropy'):.3f}; "
+          f"{sum(l['step_time_s'] for l in lines):.0f} s of steps, gen {mean(lines, 'gen_tokens_per_s'):.0f} tok/s, "
+          f"max |logp gen - train| {max(l['logprob_diff_max'] for l in lines):.1e}; load average {os.getloadavg()[0]:.1f}")
+    if name == "rule":  # demo_answer scores 0 or 1: the range is 1
+        rise = r1 - r0
+        print(f"   rule reward rise = {rise:.0%} of its range [0, 1] (goal >= 50%: {'met' if rise >= 0.5 else 'NOT met'})")
+    else:
+        print(f"   RM score {'rose' if r1 > r0 else 'did NOT rise'} by {r1 - r0:+.3f} (normalised units); KL stayed "
+              f"{'bounded' if max(l['kl'] for l in lines) < 5 else 'LARGE'} (max per-sequence KL "
+              f"{max(l['kl'] for l in lines):.3f} nats)")
 PY
