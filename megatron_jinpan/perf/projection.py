@@ -116,7 +116,8 @@ def cpu_overlap_measurement(path: Path) -> dict:
         return {}
     value = max(0.0, min(1.0, sum(latest.values()) / len(latest)))
     detail = ", ".join(f"zero={z}: {v:.3f}" for z, v in sorted(latest.items()))
-    return {"overlap": value, "overlap_source": f"{path} (CPU gloo, 2 Gbit/s injected link, {detail})"}
+    shown = os.path.relpath(path) if str(path).startswith(os.getcwd()) else str(path)
+    return {"overlap": value, "overlap_source": f"{shown} (CPU gloo, 2 Gbit/s injected link, {detail})"}
 
 
 class Projector:
