@@ -61,6 +61,14 @@ def measure(tree: Path, sp: bool, args, workdir: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def write_csv(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def checkout(rev: str, where: Path) -> tuple[Path, str]:
     """The source of `rev` (git archive) under `where`; returns (where, short commit)."""
     where.mkdir(parents=True)
@@ -89,6 +97,8 @@ def main(argv=None) -> int:
 
     from megatron_jinpan.perf.metadata import git_commit, hardware
 
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"tp_shared_input_{args.model}_cpu.csv")
+
     import torch
 
     with tempfile.TemporaryDirectory(prefix="jinpan_tp_trees_") as tmp:
@@ -114,15 +124,10 @@ def main(argv=None) -> int:
                            "micro_batch": args.micro_batch, "steps": args.steps, "hardware": hardware(),
                            "torch": torch.__version__}
                     rows.append(row)
+                    write_csv(rows, out)  # after every run: a killed sweep keeps what it measured
                     print(f"[round {rnd}] sp={sp!s:5} {which:6} step {res['step_time_s']:.3f}s "
                           f"(min {res['step_time_min_s']:.3f}s) tp collectives/step {res['tp_calls_per_step']} "
                           f"({res['tp_ops']}) load {load:.1f}", flush=True)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"tp_shared_input_{args.model}_cpu.csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     print(f"wrote {out}")
     for sp in (False, True):
         for key in ("step_time_s", "step_time_min_s"):
