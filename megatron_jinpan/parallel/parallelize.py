@@ -51,6 +51,12 @@ def apply_recompute(chunk: Llama, mode: str) -> None:
 
 def build_model(cfg, mesh) -> list[nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage), ready to train."""
+    return wrap_data_parallel(build_chunks(cfg, mesh), mesh, cfg)
+
+
+def build_chunks(cfg, mesh, *, frozen: bool = False) -> list[nn.Module]:
+    """This rank's model chunks on the (tp, pp) layout, before data parallelism. `frozen`: forward-only (a
+    reference or reward model): no recompute, adapters or compile, no gradients, eval mode."""
     with torch.device("meta"):
         full = Llama(cfg.model)
     kernels = KernelChoice(**vars(cfg.kernels)).resolved(mesh.device.type)
@@ -59,17 +65,21 @@ def build_model(cfg, mesh) -> list[nn.Module]:
         apply_tensor_parallel(chunk, mesh, cfg.parallel)
         materialize(chunk, cfg.train.seed, mesh)
         chunk.set_kernels(kernels)
-        apply_recompute(chunk, cfg.train.recompute)
-        if cfg.train.trainable == "lora":
-            from .lora import apply_lora
+        apply_recompute(chunk, "none" if frozen else cfg.train.recompute)
+        if frozen:
+            chunk.requires_grad_(False)
+            chunk.train(False)
+        else:
+            if cfg.train.trainable == "lora":
+                from .lora import apply_lora
 
-            apply_lora(chunk, cfg.lora, cfg.train.seed, mesh)
-        if cfg.train.compile == "blocks":
-            from .compile import compile_blocks
+                apply_lora(chunk, cfg.lora, cfg.train.seed, mesh)
+            if cfg.train.compile == "blocks":
+                from .compile import compile_blocks
 
-            compile_blocks(chunk)
+                compile_blocks(chunk)
         chunks.append(chunk)
-    return wrap_data_parallel(chunks, mesh, cfg)
+    return chunks
 
 
 @torch.no_grad()

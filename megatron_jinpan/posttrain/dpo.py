@@ -93,24 +93,9 @@ def dpo_summary(sums: dict, units: float, for_eval: bool) -> dict:
 def build_frozen_model(cfg, mesh, source: str | None):
     """Forward-only chunks on this layout (no gradient buffers): weights of `source`, else the seeded init."""
     from ..checkpoint.manager import CheckpointManager
-    from ..models import Llama
-    from ..models.ops import KernelChoice
-    from ..parallel.parallelize import apply_recompute, materialize
-    from ..parallel.pipeline import split_into_stages
-    from ..parallel.tensor import apply_tensor_parallel
+    from ..parallel.parallelize import build_chunks
 
-    with torch.device("meta"):
-        full = Llama(cfg.model)
-    kernels = KernelChoice(**vars(cfg.kernels)).resolved(mesh.device.type)
-    chunks = []
-    for chunk in split_into_stages(full, mesh, cfg.parallel):
-        apply_tensor_parallel(chunk, mesh, cfg.parallel)
-        materialize(chunk, cfg.train.seed, mesh)
-        chunk.set_kernels(kernels)
-        apply_recompute(chunk, "none")
-        chunk.requires_grad_(False)
-        chunk.train(False)
-        chunks.append(chunk)
+    chunks = build_chunks(cfg, mesh, frozen=True)
     if source:
         CheckpointManager(cfg, mesh).load_weights(source, chunks, None)
     return chunks
