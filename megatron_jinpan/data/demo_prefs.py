@@ -7,7 +7,7 @@ Writes (skipping what exists):
   prefs/train, prefs/valid, prefs/valid_shift   preprocessed with `jinpan preprocess --format pairs` (plain template)
 
 Prompts come from the SFT demo's task generators (data/demo_sft.py: reading, translation, one-digit
-sums, figures, metric direction, tickers, gross profit; zh and en). The chosen answer is the correct
+sums, figures, metric direction, tickers, home cities, gross profit; zh and en). The chosen answer is the correct
 one; the rejected answer is one of
   wrong       (20%) an answer of the right form that is false: another number, city, ticker or direction
   irrelevant  (30%) a well-formed answer to a different question (a city for a sum, a ticker for a story)
