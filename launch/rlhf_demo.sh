@@ -69,7 +69,8 @@ for name, key in (("rule", "score_rule"), ("rm", "score_rm")):
         rise = r1 - r0
         print(f"   rule reward rise = {rise:.0%} of its range [0, 1] (goal >= 50%: {'met' if rise >= 0.5 else 'NOT met'})")
     else:
-        print(f"   RM score {'rose' if r1 > r0 else 'did NOT rise'} by {r1 - r0:+.3f} (normalised units); KL stayed "
-              f"{'bounded' if max(l['kl'] for l in lines) < 5 else 'LARGE'} (max per-sequence KL "
-              f"{max(l['kl'] for l in lines):.3f} nats)")
+        kl_last = mean(last, "kl")
+        print(f"   RM score {'rose' if r1 > r0 else 'did NOT rise'} by {r1 - r0:+.3f} (normalised units, first -> last 5 "
+              f"steps); KL to the reference at the end {kl_last:.3f} nats per response, i.e. a penalty of "
+              f"{lines[-1].get('kl_coef', 0) * kl_last:.3f} reward units")
 PY
