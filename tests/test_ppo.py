@@ -329,3 +329,14 @@ def test_reward_model_and_critic_may_have_their_own_shape(tmp_path):
     assert reward.hidden_size == 32 and critic.hidden_size == 32 and critic.head == "value"
     assert actor.hidden_size == 64 and actor.head == "lm"
     assert math.isfinite(records[0]["score_rm"]) and math.isfinite(records[0]["value_loss"])
+
+
+def test_demo_answer_reads_every_phrasing_of_the_demo_sums():
+    from megatron_jinpan.posttrain.rewards import demo_answer
+
+    prompts = ["What is 3 plus 4?", "Add 3 and 4.", "Sum of 3 and 4?", "Compute 3 + 4.", "3加4等于多少？",
+               "3和4的和是多少？", "3与4相加得几？", "计算：3+4=",
+               "Anna Lee lives in Boston and spends 5 hours cycling every week. How many hours?"]
+    assert demo_answer(prompts, ["7"] * 8 + ["5 hours"]) == [1.0] * 9
+    assert demo_answer(prompts, ["8"] * 8 + ["7 hours"]) == [0.0] * 9
+    assert demo_answer(["Add 3 and 4."], ["hello"]) == [0.0]
