@@ -13,14 +13,14 @@
 # Stages already trained (their checkpoints/latest exists) are not trained again. runs/demo (the demo
 # pretraining the SFT starts from) is kept by FRESH=1: the recipe's own base is the CPT stage 0.
 # Eval sizes (cut to fit the 30-minute budget on a shared 2-core CPU): EXAM_LIMIT questions per exam subject
-# (default 20, 5 subjects), QA_LIMIT held-out questions (default 100 of 200), PPL_ITERS batches of 8 x 128
+# (default 20, 5 subjects), QA_LIMIT held-out questions (default 200 = all), PPL_ITERS batches of 8 x 128
 # tokens per domain (default 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 OUT=runs/recipe
 EXAM_LIMIT=${EXAM_LIMIT:-20}
-QA_LIMIT=${QA_LIMIT:-100}
+QA_LIMIT=${QA_LIMIT:-200}
 PPL_ITERS=${PPL_ITERS:-4}
 # One OpenMP thread per process, as launch/rlhf_demo.sh: spinning threads on a shared CPU cost far more.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -82,7 +82,7 @@ for entry in stages:
                     "--num_fewshot", "2", "--limit", exam_limit, "--output_path", f"{o}/mcq"]]
     if name.startswith(("sft", "ppo")):
         calls.append(["eval", "generate", "--checkpoint", ckpt, "--input", "data/demo/sft/heldout.jsonl",
-                      "--template", "plain", "--limit", qa_limit, "--max-new-tokens", "24", "--output", f"{o}/generate"])
+                      "--template", "plain", "--limit", qa_limit, "--max-new-tokens", "12", "--output", f"{o}/generate"])
         if os.path.isfile(f"{reward}/checkpoints/latest"):
             calls.append(["eval", "judge", "--answers", f"{o}/generate/answers.jsonl", "--reward-checkpoint", reward,
                           "--output", f"{o}/judge"])
@@ -121,7 +121,7 @@ print("ppl/* is per token of each stage's own tokenizer (cpt_base: the English t
 print("perplexity is per English-tokenizer piece; cpt_stage1/2: the extended tokenizer; sft_*/ppo_*: the demo")
 print("tokenizer): compare the CPT stages with each other and the SFT/PPO stages with each other.")
 print("acc/demo_exam is the 2-shot C-Eval-style demo exam (4 options: chance is 0.25); generate/* is greedy")
-print("answers to held-out SFT questions; judge/* is the reward model's verdict of the stage's answer against")
+print("answers (at most 12 tokens, as the SFT configs' eval) to held-out SFT questions; judge/* is the reward model's verdict of the stage's answer against")
 print("the reference answer (both orders; tie-adjusted win rate = (W + T/2) / N). Plot: compare.png.\n")
 print("| step | wall s |\n|---|---|")
 for name, secs in times:
