@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==$(TORCH_VERSION)
-	@$(PYTHON) -c "import megatron_jinpan, megatron.core, sentencepiece, transformers, triton, pytest" 2>/dev/null \
+	@$(PYTHON) -c "import megatron_jinpan.kernels, megatron.core, sentencepiece, transformers, triton, pytest, lm_eval, peft, jinja2" 2>/dev/null \
 	  || $(PYTHON) -m pip install -q -e '.[dev]'
 
 demo: install
