@@ -23,6 +23,24 @@ BASE = [
 ]
 
 
+def spawn_on_tp_mesh(fn, nproc: int = 2) -> None:
+    """Run `fn(mesh)` (a module-level function) on `nproc` gloo processes forming one tp=nproc mesh, one
+    thread each; the mesh is destroyed afterwards even when `fn` fails."""
+    mp.spawn(_tp_mesh_entry, args=(nproc, free_port(), fn), nprocs=nproc, join=True)
+
+
+def _tp_mesh_entry(rank, world, port, fn):
+    set_worker_env(rank, world, port)
+    torch.set_num_threads(1)
+    from megatron_jinpan.parallel.mesh import ParallelMesh
+
+    mesh = ParallelMesh.create(tp=world, pp=1, device=torch.device("cpu"))
+    try:
+        fn(mesh)
+    finally:
+        mesh.destroy()
+
+
 def _worker(rank, world, port, overrides, out_path):
     set_worker_env(rank, world, port)
     torch.set_num_threads(1)

@@ -1,33 +1,18 @@
 """Each tensor/sequence-parallel mapping: forward and backward vs the math, on 2 gloo processes."""
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
-import torch.multiprocessing as mp
+
+from harness import spawn_on_tp_mesh
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _check_with_accounting(mesh):
     from megatron_jinpan.parallel import comm
-    from megatron_jinpan.parallel.mesh import ParallelMesh
 
-    mesh = ParallelMesh.create(tp=world, pp=1, device=torch.device("cpu"))
-    try:
-        with comm.accounting() as stats:
-            _check(mesh)
-        calls = {op: v["calls"] for (op, group), v in stats.table().items() if group == "tp"}
-        assert calls.get("all_reduce", 0) > 0 and calls.get("all_gather", 0) > 0 and calls.get("reduce_scatter", 0) > 0, calls
-    finally:
-        mesh.destroy()
+    with comm.accounting() as stats:
+        _check(mesh)
+    calls = {op: v["calls"] for (op, group), v in stats.table().items() if group == "tp"}
+    assert calls.get("all_reduce", 0) > 0 and calls.get("all_gather", 0) > 0 and calls.get("reduce_scatter", 0) > 0, calls
 
 
 def _per_rank(seed: int, shape, world):
@@ -110,7 +95,7 @@ def _check(mesh):
 
 
 def test_mappings_forward_backward_two_processes():
-    mp.spawn(_entry, args=(2, _free_port()), nprocs=2, join=True)
+    spawn_on_tp_mesh(_check_with_accounting)
 
 
 def test_mappings_identity_on_one_rank():

@@ -1,37 +1,12 @@
 """Tensor / sequence parallelism: layers vs single device, and full-model layout equivalence (gloo, fp32)."""
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from harness import assert_same_training, run_layout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, nproc: int = 2):
-    mp.spawn(_entry, args=(nproc, _free_port(), fn), nprocs=nproc, join=True)
-
-
-def _entry(rank, world, port, fn):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from megatron_jinpan.parallel.mesh import ParallelMesh
-
-    mesh = ParallelMesh.create(tp=world, pp=1, device=torch.device("cpu"))
-    try:
-        fn(mesh)
-    finally:
-        mesh.destroy()
+from harness import assert_same_training, run_layout, spawn_on_tp_mesh
 
 
 def _close(a, b, **kw):
@@ -198,7 +173,7 @@ def _check_all(mesh):
 
 def test_parallel_layers_and_model_match_single_device():
     """One 2-process spawn: every layer (fwd values and grads, sp and overlap on/off), then the whole model."""
-    _spawn(_check_all)
+    spawn_on_tp_mesh(_check_all)
 
 
 # ---------------------------------------------------------------- full training equivalence

@@ -15,30 +15,11 @@ the single-device layer's.
 """
 from __future__ import annotations
 
-import os
-import socket
 from types import SimpleNamespace
 
 import torch
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from megatron_jinpan.parallel.mesh import ParallelMesh
-
-    mesh = ParallelMesh.create(tp=world, pp=1, device=torch.device("cpu"))
-    try:
-        _check(mesh)
-    finally:
-        mesh.destroy()
+from harness import spawn_on_tp_mesh
 
 
 def expected_layer_comm(sp: bool, overlap: bool, bsh_bytes: int) -> tuple[dict, dict]:
@@ -126,7 +107,7 @@ def _check(mesh):
 
 
 def test_one_input_collective_per_block_two_processes():
-    mp.spawn(_entry, args=(2, _free_port()), nprocs=2, join=True)
+    spawn_on_tp_mesh(_check)
 
 
 def test_single_device_project_calls_each_linear_in_order():
