@@ -29,7 +29,9 @@ def main():
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--out", default=None, help="CSV (default benchmarks/results/attention_spills_<gpu>.csv)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():  # device-ok: this benchmark measures compiled GPU kernels only
+    from megatron_jinpan import device as devices
+
+    if not devices.accelerator_available():  # registers and spills exist only for compiled GPU kernels
         raise SystemExit("attention_spills.py needs a CUDA GPU (registers and spills exist only for compiled kernels)")
     import triton
 
@@ -37,7 +39,7 @@ def main():
     from megatron_jinpan.models import ops
     from megatron_jinpan.perf.metadata import run_metadata
 
-    device = torch.device("cuda")
+    device = devices.resolve_device("auto")
     meta = run_metadata(device)
     rows = []
     b, s, h = 1, args.seq, 8
@@ -72,8 +74,8 @@ def main():
                     flag = "  <-- SPILLS" if r["n_spills"] else ""
                     print(f"{name:8s} d={d:3d} packed={int(docs)} {r['block_m']:3d}x{r['block_n']:<3d} "
                           f"w{r['num_warps']} s{r['num_stages']}: {r['n_regs']:3d} regs, {r['n_spills']} spills{flag}")
-    torch.cuda.synchronize()
-    gpu = torch.cuda.get_device_name().replace(" ", "_")  # device-ok: names the CSV after the GPU
+    devices.synchronize(device)
+    gpu = devices.device_name(device).replace(" ", "_")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"attention_spills_{gpu}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:

@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-import functools
 
+from megatron_jinpan.device import multiprocessor_count
 from megatron_jinpan.models.ops import compute_dtype
 from megatron_jinpan.models.ops import rms_norm_reference as reference  # noqa: F401  (the in-file reference)
 
@@ -128,16 +128,7 @@ def _num_programs_hint(device: torch.device) -> int:
     """Programs for the backward's row blocks: a few per SM on a GPU, few on CPU."""
     if device.type == "cpu":
         return 4
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    """Multiprocessors of a GPU, queried once per device (not on every backward)."""
-    try:
-        return int(triton.runtime.driver.active.utils.get_device_properties(index)["multiprocessor_count"])
-    except Exception:  # pragma: no cover - exotic drivers
-        return 128
+    return 4 * multiprocessor_count(device)
 
 
 def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:

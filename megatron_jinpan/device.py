@@ -6,6 +6,7 @@ CPU with gloo and on GPU with nccl unchanged.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -174,6 +175,19 @@ class Stopwatch:
     def reset(self) -> None:
         self.total = 0.0
         self.pending.clear()
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a GPU (kernels size their grids by it), queried once per device."""
+    return _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(index: int) -> int:
+    try:
+        return int(torch.cuda.get_device_properties(index).multi_processor_count)
+    except Exception:  # pragma: no cover - exotic drivers
+        return 128
 
 
 def nvml_device_id(device: torch.device) -> int | str | None:

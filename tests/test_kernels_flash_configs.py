@@ -44,7 +44,10 @@ def test_rmsnorm_launch_choices():
     assert RN._block_and_warps(4096) == (4096, 8)
     assert RN._block_and_warps(2048)[1] == 4
     assert RN._num_programs_hint(torch.device("cpu")) == 4
-    assert hasattr(RN._sm_count, "cache_info")  # queried once per device, not every backward
+    from megatron_jinpan import device
+
+    assert RN.multiprocessor_count is device.multiprocessor_count
+    assert hasattr(device._multiprocessor_count, "cache_info")  # queried once per device, not every backward
 
 
 def _problem(docs: bool):
