@@ -36,7 +36,7 @@ def _fact(c, facts):
 
 def test_heldout_prompts_never_trained_on(sets):
     trained = set().union(*(demo_sft.prompts_of(c) for name in ("stage1", "stage2") for c in sets[name]))
-    for name in ("valid", "heldout", "heldout_rephrased"):
+    for name in ("valid", "heldout", "heldout_facts", "heldout_rephrased"):
         assert not any(demo_sft.prompts_of(c) & trained for c in sets[name]), name
 
 
@@ -49,22 +49,43 @@ def test_heldout_lookups_ask_trained_facts_in_a_reserved_phrasing(sets):
             key = (c["task"], c["lang"], _fact(c, facts))
             taught.setdefault(key, set()).add(c["messages"][-1]["content"])
             phrasings.setdefault(key, set()).add(_first_user(c))
-    lookups = [c for c in sets["heldout"] if c["task"] in LOOKUPS]
-    assert len(lookups) > 50
+    lookups = sets["heldout_facts"]
+    assert {c["task"] for c in lookups} == set(LOOKUPS)
     for c in lookups:
         key = (c["task"], c["lang"], _fact(c, facts))
         assert c["messages"][-1]["content"] in taught[key], c  # the fact, with this answer, is in training
         assert _first_user(c) not in phrasings[key]            # ... never asked this way
 
 
+def _names(tasks):
+    return {f.__name__.strip("_") for f in tasks}
+
+
 def test_mix_languages_and_turns(sets):
-    for name in ("stage1", "stage2", "heldout"):
+    every = demo_sft.GENERAL + demo_sft.FINANCE
+    for name, tasks in (("stage1", every), ("stage2", every), ("heldout", demo_sft.CONTEXT),
+                        ("heldout_facts", demo_sft.LOOKUPS)):
         rows = sets[name]
         general = sum(c["domain"] == "general" for c in rows) / len(rows)
         assert 0.75 < general < 0.87, (name, general)
         assert 0.4 < sum(c["lang"] == "zh" for c in rows) / len(rows) < 0.6
-        assert any(sum(m["role"] == "user" for m in c["messages"]) == 2 for c in rows)
-        assert {c["task"] for c in rows} == {f.__name__.strip("_") for f in demo_sft.GENERAL + demo_sft.FINANCE}
+        assert {c["task"] for c in rows} == _names(tasks), name
+        if name != "heldout_facts":
+            assert any(sum(m["role"] == "user" for m in c["messages"]) == 2 for c in rows)
+    context = sum(c["task"] in _names(demo_sft.CONTEXT) for c in sets["stage1"]) / len(sets["stage1"])
+    assert 0.4 < context < 0.6, context  # training: about half questions on a text, half lookups
+
+
+def test_heldout_answers_come_from_the_prompt(sets):
+    """heldout.jsonl (the headline exact-match) asks about a text in the prompt: the reference's number or
+    city is written there (gross profit: both operands are), never a fact only training taught."""
+    for c in sets["heldout"]:
+        prompt = " ".join(m["content"] for m in c["messages"][:-1])
+        answer = c["messages"][-1]["content"]
+        if c["task"] == "direction":
+            assert ("增长" in prompt) == (answer == "增长") or ("rose" in prompt) == (answer == "increase"), c
+        elif c["task"] != "gross":
+            assert re.sub(r"[$亿元小时]|billion|hours", "", answer).strip() in prompt, c
 
 
 def test_ppo_rule_reward_checks_stage2_answers(sets):

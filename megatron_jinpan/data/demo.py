@@ -5,7 +5,8 @@ generated procedurally, tokenized and preprocessed, ready for the demo recipes.
 
 Writes (skipping whatever already exists):
   corpus/<domain>.jsonl, corpus/<domain>_valid.jsonl   domains: zh-general en-general zh-finance en-finance
-  corpus/all.txt                                      tokenizer training text (one document per line)
+  corpus/all.txt                                      tokenizer training text (one document per line): the
+                                                      four domains + a sample of the instruction sets' text
   tokenizer.model (+ .vocab)                          bilingual BPE, vocab 8000
   <domain>_text_document.{bin,idx}                    training sets (EOD appended)
   <domain>_valid_text_document.{bin,idx}              held-out sets per domain
@@ -222,8 +223,13 @@ def build_demo(output: str, *, docs_per_domain: int = 4000, valid_docs: int = 30
 
     all_txt = corpus / "all.txt"
     if not all_txt.is_file():
+        lines = list(texts(DOMAINS))
+        if sft:  # a tokenizer is trained on all the text it will cut, instructions included (data/demo_sft.py)
+            from .demo_sft import tokenizer_sample
+
+            lines += tokenizer_sample(seed)
         tmp = all_txt.with_name("all.txt.tmp")
-        tmp.write_text("".join(t + "\n" for t in texts(DOMAINS)), encoding="utf-8")
+        tmp.write_text("".join(t + "\n" for t in lines), encoding="utf-8")
         tmp.replace(all_txt)
     tok = out / "tokenizer.model"
     if not tok.is_file():

@@ -6,28 +6,32 @@ Writes (skipping what exists), all chat JSONL in the OpenAI `messages` format:
   sft/facts.json                 the generated fact table (companies: code and home city; city names)
   sft/stage1.jsonl               the large "open" set: every task type, general:finance = 4:1
   sft/stage2.jsonl               the smaller high-quality set (same mix, no noisy answers, more multi-turn)
-  sft/valid.jsonl                held-out conversations -> eval_loss on answer tokens
-  sft/heldout.jsonl              held-out prompts with reference answers -> train.eval_generate
-  sft/heldout_rephrased.jsonl    the same kinds of questions in phrasings training never uses at all
-  sft/<name>.bin/.idx (+ .mask)  the four sets preprocessed with the `plain` template and data/demo/tokenizer.model
+  sft/valid.jsonl                held-out conversations of every task -> eval_loss on answer tokens
+  sft/heldout.jsonl              held-out questions about new texts -> train.eval_generate (the headline figure)
+  sft/heldout_facts.jsonl        taught facts asked in the phrasing training never pairs them with
+  sft/heldout_rephrased.jsonl    every kind of question in phrasings training never uses at all
+  sft/<name>.bin/.idx (+ .mask)  the sets preprocessed with the `plain` template and data/demo/tokenizer.model
 
-Task types (zh and en forms of each; the answer is short and exact):
-  general (80%)  reading: the one number in a short story ("每周画画几小时？" -> "3小时"; one digit)
-                 translate: a city name between Chinese and English (from the fact table)
-                 arithmetic: one-digit addition ("3加4等于多少？" / "Compute 3 + 4." -> 7)
-                 multi-turn: a reading question, then a follow-up about the same story (the city)
-  finance (20%)  figure: revenue or net income stated in a results summary (one digit, "3亿元")
-                 direction: whether a metric rose or fell (增长/下降, increase/decrease)
-                 ticker: a company's stock code (fact table)
-                 home city: the city a company is based in (fact table)
-                 gross profit: revenue minus cost, in one-digit billions
+Task types (zh and en forms of each; the answer is short and exact), by what answers them:
+  from a text in the prompt (CONTEXT; about half of each domain in training)
+    general  reading: the one number in a short story ("每周画画几小时？" -> "3小时"; one digit);
+             multi-turn: then a follow-up about the same story (the city)
+    finance  figure: revenue or net income stated in a results summary (one digit, "3亿元")
+             direction: whether a metric rose or fell (增长/下降, increase/decrease)
+             gross profit: revenue minus cost, in one-digit billions
+  from a fact taught in training (LOOKUPS)
+    general  translate: a city name between Chinese and English (from the fact table)
+             arithmetic: one-digit addition ("3加4等于多少？" / "Compute 3 + 4." -> 7)
+    finance  ticker: a company's stock code; home city: the city a company is based in (fact table)
+General:finance is 4:1 in every set.
 
-What "held out" means (valid.jsonl, heldout.jsonl): no prompt there occurs in stage1/stage2.
-  - story tasks (reading, figure, direction, gross profit): new samples -- new names, cities, figures;
-  - fact lookups (translate, ticker, home city, arithmetic): every fact (a city pair, a company, a sum)
-    is taught in training, but one of its three phrasings is reserved for it (a different one per fact,
-    so every phrasing is still seen with other facts): heldout.jsonl asks the fact in the phrasing
-    training never pairs it with -- a held-out combination, answerable only from the learned fact.
+What "held out" means: no prompt of valid/heldout/heldout_facts/heldout_rephrased occurs in stage1/stage2.
+  - heldout.jsonl: CONTEXT questions on new samples -- new names, cities, figures; answerable by reading
+    the prompt, the skill SFT teaches (a tiny model learns it within the demo's few hundred steps);
+  - heldout_facts.jsonl: every fact (a city pair, a company, a sum) is taught in training, but one of its
+    three phrasings is reserved for it (a different one per fact, so every phrasing is still seen with
+    other facts): the fact asked in the phrasing training never pairs it with -- answerable only from the
+    learned fact, not the memorised string (the tiny demo model mostly fails this; docs/sft.md);
 heldout_rephrased.jsonl asks in phrasings training never shows for any fact (a harder, generalisation
 test). Stage 1 has ~5% noisy answers (a wrong number), the way open instruction sets do; stage 2 has none.
 """
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import zlib
 from pathlib import Path
 
@@ -47,7 +52,7 @@ CITY_PAIRS = [("北京", "Beijing"), ("上海", "Shanghai"), ("广州", "Guangzh
               ("青岛", "Qingdao"), ("厦门", "Xiamen"), ("伦敦", "London"), ("纽约", "New York"), ("悉尼", "Sydney"),
               ("东京", "Tokyo"), ("巴黎", "Paris")]
 NUM_COMPANIES = 12
-SETS = {"stage1": 6000, "stage2": 1500, "valid": 300, "heldout": 200, "heldout_rephrased": 200}
+SETS = {"stage1": 6000, "stage2": 1500, "valid": 300, "heldout": 200, "heldout_facts": 200, "heldout_rephrased": 200}
 
 # Which prompts a generator may produce. Generators take `held`: False (training), HELDOUT (valid/heldout)
 # or True (heldout_rephrased); demo_prefs.py passes the two booleans.
@@ -187,17 +192,31 @@ def _gross(r, zh: bool, held, facts):
 
 GENERAL = (_reading, _translate, _arithmetic)
 FINANCE = (_figure, _direction, _ticker, _home_city, _gross)
+# Training weights: questions about a text in the prompt (reading comprehension, figures, direction, gross
+# profit) are half of each domain; lookups of facts (and the one-digit sum table) the rest.
+WEIGHTS = {_reading: 2, _translate: 1, _arithmetic: 1,
+           _figure: 3, _direction: 2, _gross: 2, _ticker: 1.5, _home_city: 1.5}
+# Two held-out sets with different questions: CONTEXT tasks answer from a text in the prompt (new texts:
+# heldout.jsonl), LOOKUPS recall a fact taught in training (the reserved phrasing: heldout_facts.jsonl).
+CONTEXT = (_reading, _figure, _direction, _gross)
+LOOKUPS = (_translate, _arithmetic, _ticker, _home_city)
 
 
-def conversation(r: random.Random, facts: dict, held, noisy: float, multi_turn: float) -> dict:
-    """One conversation: general 80% / finance 20%, zh 50% / en 50%."""
+def _pick(r: random.Random, tasks, allowed):
+    tasks = [t for t in tasks if t in allowed]
+    return r.choices(tasks, weights=[WEIGHTS[t] for t in tasks])[0]
+
+
+def conversation(r: random.Random, facts: dict, held, noisy: float, multi_turn: float,
+                 tasks=GENERAL + FINANCE) -> dict:
+    """One conversation from `tasks`: general 80% / finance 20%, zh 50% / en 50%."""
     zh = r.random() < 0.5
-    if r.random() < 0.8:
-        task = r.choice(GENERAL)
+    if r.random() < 0.8 and set(GENERAL) & set(tasks):
+        task = _pick(r, GENERAL, tasks)
         (q, a), follow = task(r, zh, held)
         domain = "general"
     else:
-        task = r.choice(FINANCE)
+        task = _pick(r, FINANCE, tasks)
         (q, a), follow = task(r, zh, held, facts)
         domain = "finance"
     if noisy and r.random() < noisy and a.isdigit():  # a wrong sum, as open sets have
@@ -209,6 +228,18 @@ def conversation(r: random.Random, facts: dict, held, noisy: float, multi_turn: 
         system = "你是一个简洁的助手。" if zh else "You are a concise assistant."
         messages.insert(0, {"role": "system", "content": system})
     return {"messages": messages, "domain": domain, "task": task.__name__.strip("_"), "lang": "zh" if zh else "en"}
+
+
+def fact_key(conversation: dict, facts: dict) -> tuple | None:
+    """What a lookup asks about -- (task, lang, the city / the two addends / the company); None otherwise."""
+    task, q = conversation["task"], conversation["messages"][-2]["content"]
+    if task == "arithmetic":
+        return task, conversation["lang"], tuple(re.findall(r"\d", q))
+    if task == "translate":
+        return task, conversation["lang"], conversation["messages"][-1]["content"]
+    if task in ("ticker", "home_city"):
+        return task, conversation["lang"], next(co["en"] for co in facts["companies"] if co["zh"] in q or co["en"] in q)
+    return None
 
 
 def prompts_of(conversation: dict) -> set[str]:
@@ -223,22 +254,34 @@ def prompts_of(conversation: dict) -> set[str]:
 
 def generate_sets(seed: int) -> dict[str, list[dict]]:
     facts = fact_table(seed)
-    out, seen = {}, set()
+    out, seen, taught = {}, set(), set()
     for name, n in SETS.items():
         r = random.Random(f"sft:{name}:{seed}")
         train = name in ("stage1", "stage2")
         held = False if train else True if name == "heldout_rephrased" else HELDOUT
+        tasks = {"heldout": CONTEXT, "heldout_facts": LOOKUPS}.get(name, GENERAL + FINANCE)
         rows = []
         while len(rows) < n:
             c = conversation(r, facts, held, noisy=0.05 if name == "stage1" else 0.0,
-                             multi_turn=0.6 if name == "stage2" else 0.3)
+                             multi_turn=0.6 if name == "stage2" else 0.3, tasks=tasks)
             if train:
                 seen.update(prompts_of(c))
+                taught.add(fact_key(c, facts))
             elif prompts_of(c) & seen:  # held out means no prompt of it was trained on (a story drawn twice, ...)
+                continue
+            elif name == "heldout_facts" and fact_key(c, facts) not in taught:  # a sum training never drew
                 continue
             rows.append(c)
         out[name] = rows
     return out
+
+
+def tokenizer_sample(seed: int, n: int = 600) -> list[str]:
+    """The text of `n` stage-2 conversations, one per line: the instruction-set share of the demo tokenizer's
+    training text (data/demo.py), so its words ("hours", "小时", city names) get pieces of their own rather
+    than single letters and UTF-8 bytes -- shorter answers and ~40% fewer tokens per conversation."""
+    rows = generate_sets(seed)["stage2"][:n]
+    return [" ".join(m["content"] for m in c["messages"]) for c in rows]
 
 
 def build_sft_demo(out: Path, tokenizer: Path, seed: int, workers: int = 1, log=print) -> dict:
