@@ -41,6 +41,9 @@ Exact command used for benchmarks/results/overlap_cpu.csv:
     python benchmarks/overlap.py --model tiny --nproc 2 --seq-len 256 --bucket-mb 4 \
         --link-gbps 2 --iters 12 --out benchmarks/results/overlap_cpu.csv
     (and the same with --zero 1, with --link-gbps 8, and with --layers 32; rows carry commit and load)
+    and with --sparse-embedding-grad (parallel.sparse_embedding_grad=true: the embedding's reduction
+    carries only the rows some rank's step touched -- here 2 x 256 tokens of an 8000-row vocabulary --
+    so the last bucket shrinks to what the step used; `embedding_rows_reduced` says how many)
 """
 from __future__ import annotations
 
@@ -140,6 +143,7 @@ def _overrides(args, overlap: bool) -> list[str]:
     return [f"model.name={args.model}", *layers, "data.mock=true", f"train.seq_len={args.seq_len}", "train.micro_batch=1",
             f"train.global_batch={args.nproc}", f"train.device={args.device}", f"parallel.bucket_mb={args.bucket_mb}",
             f"parallel.zero={args.zero}", f"parallel.overlap_grad_reduce={str(overlap).lower()}",
+            f"parallel.sparse_embedding_grad={str(args.sparse_embedding_grad).lower()}",
             "log.progress=false", "log.tensorboard=false", "run_dir=/tmp/jinpan_overlap_bench"]
 
 
@@ -205,6 +209,7 @@ def _worker(rank, args, port, out_path):
              "modelled_link_s": statistics.median(modelled[m]), "buckets": len(chunk.buckets),
              "hidden_bound": statistics.median(bounds) if bounds else float("nan"),
              "last_bucket_mb": chunk.buckets[-1].numel * 4 / 2**20,
+             "embedding_rows_reduced": chunk.embedding_rows_reduced,
              "grad_mb": chunk.numel * 4 / 2**20} for m in modes]
     if rank == 0:
         torch.save(rows, out_path)
@@ -225,6 +230,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--sparse-embedding-grad", action="store_true",
+                    help="parallel.sparse_embedding_grad=true: reduce only the embedding rows the step touched")
     ap.add_argument("--out", default="benchmarks/results/overlap_cpu.csv")
     args = ap.parse_args(argv)
 
@@ -251,6 +258,8 @@ def main(argv=None):
               "hidden_fraction_wait": round(1 - rows["overlap_on"]["sync_wait_s"] / rows["overlap_off"]["sync_wait_s"], 3),
               "hidden_bound": round(rows["overlap_on"]["hidden_bound"], 3),
               "last_bucket_mb": round(rows["overlap_on"]["last_bucket_mb"], 2),
+              "sparse_embedding_grad": args.sparse_embedding_grad,
+              "embedding_rows_reduced": rows["overlap_on"]["embedding_rows_reduced"],
               "median_compute_only_s": round(rows["compute_only"]["median_s"], 4),
               "median_overlap_off_s": round(rows["overlap_off"]["median_s"], 4),
               "median_overlap_on_s": round(rows["overlap_on"]["median_s"], 4),

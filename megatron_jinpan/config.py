@@ -38,6 +38,9 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = False
     bucket_mb: float = 25.0
+    # Reduce only the token-embedding rows some DP rank's step touched (a union row mask, then those
+    # rows); dense when more than half the rows are touched. Helps when tokens per step << vocab.
+    sparse_embedding_grad: bool = False
     # Overlap TP input-grad all-reduce with the weight-grad matmul (Megatron's async TP).
     tp_comm_overlap: bool = True
 

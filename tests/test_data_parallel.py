@@ -124,6 +124,40 @@ def test_overlap_is_bitwise_identical_and_launched_during_backward():
     mp.spawn(_overlap_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
+def _sparse_embedding_worker(rank, world, port):
+    _setup(rank, world, port)
+    from megatron_jinpan.parallel.mesh import ParallelMesh
+
+    mesh = ParallelMesh.create(1, 1, torch.device("cpu"))
+    try:
+        # few tokens per step (1 x 32 per rank, vocab 256): the sparse path; many (4 x 2 x 32): the dense fallback
+        for batch, sparse_expected in ((["train.global_batch=2", "train.micro_batch=1"], True),
+                                       (["train.global_batch=16", "train.micro_batch=2"], False)):
+            for zero in (0, 1):
+                common = batch + [TINY, f"parallel.zero={zero}"]
+                dense, _ = _one_backward(common, mesh)
+                sparse, _ = _one_backward(common + ["parallel.sparse_embedding_grad=true"], mesh)
+                rows = sparse.embedding_rows_reduced
+                assert rows is not None and (2 * rows <= 256) == sparse_expected, (rows, sparse_expected)
+                assert dense.embedding_rows_reduced is None
+                # the same reduced gradients, bit for bit (a sum of two is order-free), embedding included
+                got = sparse.shard_grad if zero else sparse.grad_buffer
+                want = dense.shard_grad if zero else dense.grad_buffer
+                assert torch.equal(got, want), (zero, (got - want).abs().max())
+                emb = sparse.module.embed_tokens.weight.main_grad
+                assert emb.abs().sum() > 0
+                if sparse_expected and not zero:  # untouched rows stay zero; touched ones hold both ranks' sums
+                    assert 0 < int((emb != 0).any(dim=1).sum()) <= rows
+    finally:
+        mesh.destroy()
+
+
+def test_sparse_embedding_grad_equals_dense_reduction():
+    """parallel.sparse_embedding_grad: reducing only the touched embedding rows gives the dense reduction's
+    gradients exactly, with and without ZeRO-1, and falls back to dense when most rows are touched."""
+    mp.spawn(_sparse_embedding_worker, args=(2, free_port()), nprocs=2, join=True)
+
+
 def test_bucket_layout_reverse_order_and_padding():
     """Single process: buckets follow reverse registration order, are padded, and params alias the buffers."""
     from types import SimpleNamespace

@@ -104,6 +104,25 @@ class Bucket:
     _dp: int = 1
 
 
+class _TouchedRowsWork:
+    """Handle of a row-sparse embedding reduction: wait() finishes the rows' all-reduce, writes them back into
+    the gradient buffer and (zero=1) copies this rank's slice to shard_grad."""
+
+    def __init__(self, work, rows2d, rows, values, shard):
+        self.work, self.rows2d, self.rows, self.values, self.shard = work, rows2d, rows, values, shard
+        self.done = False
+
+    def wait(self):
+        if not self.done:
+            if self.work is not None:
+                self.work.wait()
+            self.rows2d.index_copy_(0, self.rows, self.values)
+            if self.shard is not None:
+                self.shard[0].copy_(self.shard[1])
+            self.done = True
+        return True
+
+
 class DataParallel(nn.Module):
     def __init__(self, module: nn.Module, mesh, cfg):
         super().__init__()
@@ -115,6 +134,8 @@ class DataParallel(nn.Module):
         self.overlap_grad_reduce = bool(cfg.parallel.overlap_grad_reduce)
         self.overlap_param_gather = bool(cfg.parallel.overlap_param_gather) and self.zero == 1
         self.bucket_elems = max(1, int(float(cfg.parallel.bucket_mb) * 2**20 / 4))
+        self.sparse_embedding_grad = bool(getattr(cfg.parallel, "sparse_embedding_grad", False))
+        self.embedding_rows_reduced: int | None = None
         self._sync = True
         self.events: list | None = None  # set to [] to record ("grad", name) / ("launch", bucket) for tests
         tied_split = bool(getattr(module.cfg, "tie_embeddings", False)) and mesh.pp > 1
@@ -261,11 +282,41 @@ class DataParallel(nn.Module):
         if self.events is not None:
             self.events.append(("launch", bucket.index))
         group = self.mesh.dp_group
+        if self.sparse_embedding_grad and self.dp > 1 and self._is_embedding_bucket(bucket):
+            bucket.handle = self._launch_touched_rows(bucket)
+            if bucket.handle is not None:
+                bucket.launched = True
+                return
         if self.zero == 1:
             bucket.handle = comm.reduce_scatter_tensor(bucket.shard_grad, bucket.grad, group, async_op=True)
         else:
             bucket.handle = comm.all_reduce(bucket.grad, group, async_op=True)
         bucket.launched = True
+
+    def _is_embedding_bucket(self, bucket: Bucket) -> bool:
+        return len(bucket.params) == 1 and self.specs[bucket.params[0]].name == "embed_tokens.weight"
+
+    def _launch_touched_rows(self, bucket: Bucket):
+        """The token embedding's reduction, row-sparse: rows no DP rank's step touched are zero on every rank,
+        so only the union of touched rows is all-reduced (one small blocking all-reduce of a row mask, then
+        an async one of those rows). None (-> the dense path) when over half the rows are touched."""
+        grad = self._named_param(bucket.params[0]).main_grad
+        rows2d = grad.view(grad.shape[0], -1)
+        touched = (rows2d != 0).any(dim=1).to(torch.float32)
+        comm.all_reduce(touched, self.mesh.dp_group)
+        rows = touched.nonzero().squeeze(1)
+        self.embedding_rows_reduced = rows.numel()  # for tests and benchmarks
+        if 2 * rows.numel() > rows2d.shape[0]:
+            return None
+        values = rows2d.index_select(0, rows)
+        work = comm.all_reduce(values, self.mesh.dp_group, async_op=True)
+        shard = None
+        if self.zero == 1:  # what reduce_scatter would leave: this rank's slice of the summed bucket
+            shard = (bucket.shard_grad, bucket.grad.narrow(0, self.dp_rank * bucket.shard_numel, bucket.shard_numel))
+        return _TouchedRowsWork(work, rows2d, rows, values, shard)
+
+    def _named_param(self, name: str) -> torch.Tensor:
+        return next(p for n, p in self._named if n == name)
 
     # ---------------------------------------------------------------- public API
     def forward(self, *args, **kwargs):
