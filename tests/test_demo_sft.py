@@ -24,16 +24,6 @@ def _first_user(c):
     return next(m["content"] for m in c["messages"] if m["role"] == "user")
 
 
-def _fact(c, facts):
-    """What a lookup asks about: the city, the two addends, or the company."""
-    q = _first_user(c)
-    if c["task"] == "arithmetic":
-        return tuple(re.findall(r"\d", q))
-    if c["task"] == "translate":
-        return c["messages"][-1]["content"]
-    return next(co["en"] for co in facts["companies"] if co["zh"] in q or co["en"] in q)
-
-
 def test_heldout_prompts_never_trained_on(sets):
     trained = set().union(*(demo_sft.prompts_of(c) for name in ("stage1", "stage2") for c in sets[name]))
     for name in ("valid", "heldout", "heldout_facts", "heldout_rephrased"):
@@ -46,13 +36,13 @@ def test_heldout_lookups_ask_trained_facts_in_a_reserved_phrasing(sets):
     phrasings = {}
     for c in sets["stage1"] + sets["stage2"]:
         if c["task"] in LOOKUPS:
-            key = (c["task"], c["lang"], _fact(c, facts))
+            key = demo_sft.fact_key(c, facts)
             taught.setdefault(key, set()).add(c["messages"][-1]["content"])
             phrasings.setdefault(key, set()).add(_first_user(c))
     lookups = sets["heldout_facts"]
     assert {c["task"] for c in lookups} == set(LOOKUPS)
     for c in lookups:
-        key = (c["task"], c["lang"], _fact(c, facts))
+        key = demo_sft.fact_key(c, facts)
         assert c["messages"][-1]["content"] in taught[key], c  # the fact, with this answer, is in training
         assert _first_user(c) not in phrasings[key]            # ... never asked this way
 

@@ -114,8 +114,7 @@ class _TouchedRowsWork:
 
     def wait(self):
         if not self.done:
-            if self.work is not None:
-                self.work.wait()
+            self.work.wait()
             self.rows2d.index_copy_(0, self.rows, self.values)
             if self.shard is not None:
                 self.shard[0].copy_(self.shard[1])
@@ -134,7 +133,7 @@ class DataParallel(nn.Module):
         self.overlap_grad_reduce = bool(cfg.parallel.overlap_grad_reduce)
         self.overlap_param_gather = bool(cfg.parallel.overlap_param_gather) and self.zero == 1
         self.bucket_elems = max(1, int(float(cfg.parallel.bucket_mb) * 2**20 / 4))
-        self.sparse_embedding_grad = bool(getattr(cfg.parallel, "sparse_embedding_grad", False))
+        self.sparse_embedding_grad = bool(cfg.parallel.sparse_embedding_grad)
         self.embedding_rows_reduced: int | None = None
         self._sync = True
         self.events: list | None = None  # set to [] to record ("grad", name) / ("launch", bucket) for tests
@@ -300,7 +299,7 @@ class DataParallel(nn.Module):
         """The token embedding's reduction, row-sparse: rows no DP rank's step touched are zero on every rank,
         so only the union of touched rows is all-reduced (one small blocking all-reduce of a row mask, then
         an async one of those rows). None (-> the dense path) when over half the rows are touched."""
-        grad = self._named_param(bucket.params[0]).main_grad
+        grad = self.module.get_parameter(bucket.params[0]).main_grad
         rows2d = grad.view(grad.shape[0], -1)
         touched = (rows2d != 0).any(dim=1).to(torch.float32)
         comm.all_reduce(touched, self.mesh.dp_group)
@@ -314,9 +313,6 @@ class DataParallel(nn.Module):
         if self.zero == 1:  # what reduce_scatter would leave: this rank's slice of the summed bucket
             shard = (bucket.shard_grad, bucket.grad.narrow(0, self.dp_rank * bucket.shard_numel, bucket.shard_numel))
         return _TouchedRowsWork(work, rows2d, rows, values, shard)
-
-    def _named_param(self, name: str) -> torch.Tensor:
-        return next(p for n, p in self._named if n == name)
 
     # ---------------------------------------------------------------- public API
     def forward(self, *args, **kwargs):
