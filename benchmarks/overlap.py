@@ -44,6 +44,8 @@ Exact command used for benchmarks/results/overlap_cpu.csv:
     and with --sparse-embedding-grad (parallel.sparse_embedding_grad=true: the embedding's reduction
     carries only the rows some rank's step touched -- here 2 x 256 tokens of an 8000-row vocabulary --
     so the last bucket shrinks to what the step used; `embedding_rows_reduced` says how many)
+    and with --grad-reduce-dtype bf16 (parallel.grad_reduce_dtype=bf16: each bucket goes on the link
+    as bf16, half the bytes; accumulation stays fp32)
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ def _overrides(args, overlap: bool) -> list[str]:
             f"train.global_batch={args.nproc}", f"train.device={args.device}", f"parallel.bucket_mb={args.bucket_mb}",
             f"parallel.zero={args.zero}", f"parallel.overlap_grad_reduce={str(overlap).lower()}",
             f"parallel.sparse_embedding_grad={str(args.sparse_embedding_grad).lower()}",
+            f"parallel.grad_reduce_dtype={args.grad_reduce_dtype}",
             "log.progress=false", "log.tensorboard=false", "run_dir=/tmp/jinpan_overlap_bench"]
 
 
@@ -232,6 +235,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--sparse-embedding-grad", action="store_true",
                     help="parallel.sparse_embedding_grad=true: reduce only the embedding rows the step touched")
+    ap.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="parallel.grad_reduce_dtype: bf16 puts half the gradient bytes on the (modelled) link")
     ap.add_argument("--out", default="benchmarks/results/overlap_cpu.csv")
     args = ap.parse_args(argv)
 
@@ -260,6 +265,7 @@ def main(argv=None):
               "last_bucket_mb": round(rows["overlap_on"]["last_bucket_mb"], 2),
               "sparse_embedding_grad": args.sparse_embedding_grad,
               "embedding_rows_reduced": rows["overlap_on"]["embedding_rows_reduced"],
+              "grad_reduce_dtype": args.grad_reduce_dtype,
               "median_compute_only_s": round(rows["compute_only"]["median_s"], 4),
               "median_overlap_off_s": round(rows["overlap_off"]["median_s"], 4),
               "median_overlap_on_s": round(rows["overlap_on"]["median_s"], 4),

@@ -41,6 +41,10 @@ class ParallelConfig:
     # Reduce only the token-embedding rows some DP rank's step touched (a union row mask, then those
     # rows); dense when more than half the rows are touched. Helps when tokens per step << vocab.
     sparse_embedding_grad: bool = False
+    # dtype on the wire for the DP gradient reduction. Gradients accumulate in fp32 either way;
+    # bf16 casts each bucket just before its all-reduce / reduce-scatter (half the bytes, the sum
+    # over dp rounded to bf16) and back into the fp32 buffer when it lands.
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     # Overlap TP input-grad all-reduce with the weight-grad matmul (Megatron's async TP).
     tp_comm_overlap: bool = True
 

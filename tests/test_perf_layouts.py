@@ -20,7 +20,7 @@ from megatron_jinpan.perf.memory import estimate_memory, zero_optimizer_saving
 from megatron_jinpan.perf.runner import Layout, run_layout_bench
 
 LAYOUTS = [Layout(1, recompute="selective"), Layout(2, zero=1), Layout(2, tp=2), Layout(2, tp=2, sp=True),
-           Layout(2, pp=2)]
+           Layout(2, pp=2), Layout(2, zero=1, extra=["parallel.grad_reduce_dtype=bf16"])]
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,7 +35,7 @@ def _run(index: int) -> dict:
     return res
 
 
-IDS = [lay.name() for lay in LAYOUTS]
+IDS = [lay.name() + "".join("_" + x.split("=")[-1] for x in lay.extra) for lay in LAYOUTS]
 
 
 @pytest.mark.parametrize("index", range(len(LAYOUTS)), ids=IDS)
@@ -45,9 +45,11 @@ def test_measured_comm_equals_closed_form(index):
     for rank in res["ranks"]:
         assert rank["comm"] == expected_comm_bytes(res["cfg"], layout.world, rank["rank"]), f"rank {rank['rank']}"
     if layout.zero == 1 and layout.tp == layout.pp == 1:
-        # the ZeRO-1 gradient reduce-scatter carries the fp32 param count (padded to dp*64 elements)
+        # the ZeRO-1 gradient reduce-scatter carries the param count (padded to dp*64 elements) in fp32,
+        # or in bf16 under parallel.grad_reduce_dtype=bf16
+        wire = 2 if res["cfg"].parallel.grad_reduce_dtype == "bf16" else 4
         grad_bytes = res["ranks"][0]["comm"][("reduce_scatter", "dp")]["bytes"]
-        assert 0 <= grad_bytes - 4 * res["cfg"].model.num_params() < 4 * 64 * layout.dp
+        assert 0 <= grad_bytes - wire * res["cfg"].model.num_params() < wire * 64 * layout.dp
 
 
 @pytest.mark.parametrize("index", range(len(LAYOUTS)), ids=IDS)

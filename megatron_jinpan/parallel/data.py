@@ -22,6 +22,11 @@ Layout of one chunk's `DataParallel`:
   into `shard_grad`, this rank's contiguous slice of every bucket (zero=1).
   Without overlap, `finish_grad_sync()` launches every bucket at the end.
   Reductions SUM over dp (the loss is already scaled by 1/global tokens);
+- `parallel.grad_reduce_dtype=bf16` puts half the bytes on the wire: at
+  launch the bucket is cast into a bf16 `comm_buffer` (zero=1: reduced into
+  a bf16 `comm_shard`), and `wait()` casts the sum back into the fp32
+  buffer. Micro-batch accumulation stays fp32; only the sum over dp is
+  rounded (bf16 has fp32's exponent range, so no loss scaling is needed);
 - the token embedding sits alone in the last bucket: its gradient is the last
   one backward produces, so the layer-0 weights that precede it go out in an
   earlier bucket instead of waiting for it, and what is left to send after
@@ -90,6 +95,8 @@ class Bucket:
     numel: int                     # padded size (multiple of dp * 64)
     params: list = field(default_factory=list)
     grad: torch.Tensor | None = None        # view of grad_buffer
+    comm: torch.Tensor | None = None        # grad_reduce_dtype=bf16: view of comm_buffer (what goes on the wire)
+    comm_shard: torch.Tensor | None = None  # grad_reduce_dtype=bf16, zero=1: view of comm_shard
     data: torch.Tensor | None = None        # view of param_buffer
     shard_grad: torch.Tensor | None = None  # zero=1: this rank's reduced slice
     ready: set = field(default_factory=set)
@@ -104,6 +111,21 @@ class Bucket:
     _dp: int = 1
 
 
+class _CastBackWork:
+    """Handle of a reduction done in a narrower dtype: wait() finishes it and copies the result into `dst`."""
+
+    def __init__(self, work, src, dst):
+        self.work, self.src, self.dst = work, src, dst
+        self.done = False
+
+    def wait(self):
+        if not self.done:
+            self.work.wait()
+            self.dst.copy_(self.src)
+            self.done = True
+        return True
+
+
 class _TouchedRowsWork:
     """Handle of a row-sparse embedding reduction: wait() finishes the rows' all-reduce, writes them back into
     the gradient buffer and (zero=1) copies this rank's slice to shard_grad."""
@@ -115,7 +137,7 @@ class _TouchedRowsWork:
     def wait(self):
         if not self.done:
             self.work.wait()
-            self.rows2d.index_copy_(0, self.rows, self.values)
+            self.rows2d.index_copy_(0, self.rows, self.values.to(self.rows2d.dtype))
             if self.shard is not None:
                 self.shard[0].copy_(self.shard[1])
             self.done = True
@@ -134,6 +156,9 @@ class DataParallel(nn.Module):
         self.overlap_param_gather = bool(cfg.parallel.overlap_param_gather) and self.zero == 1
         self.bucket_elems = max(1, int(float(cfg.parallel.bucket_mb) * 2**20 / 4))
         self.sparse_embedding_grad = bool(cfg.parallel.sparse_embedding_grad)
+        # On one rank nothing is sent, so nothing is rounded.
+        self.reduce_dtype = (torch.bfloat16 if cfg.parallel.grad_reduce_dtype == "bf16" and self.dp > 1
+                             else torch.float32)
         self.embedding_rows_reduced: int | None = None
         self._sync = True
         self.events: list | None = None  # set to [] to record ("grad", name) / ("launch", bucket) for tests
@@ -194,11 +219,19 @@ class DataParallel(nn.Module):
         self.param_buffer = torch.zeros(self.numel, dtype=dtype, device=device)
         self.shard_grad = (torch.zeros(self.numel // self.dp, dtype=torch.float32, device=device)
                            if self.zero == 1 else None)
+        narrow = self.reduce_dtype != torch.float32
+        self.comm_buffer = torch.zeros(self.numel, dtype=self.reduce_dtype, device=device) if narrow else None
+        self.comm_shard = (torch.zeros(self.numel // self.dp, dtype=self.reduce_dtype, device=device)
+                           if narrow and self.zero == 1 else None)
         for bucket in self.buckets:
             bucket.grad = self.grad_buffer.narrow(0, bucket.offset, bucket.numel)
             bucket.data = self.param_buffer.narrow(0, bucket.offset, bucket.numel)
             if self.zero == 1:
                 bucket.shard_grad = self.shard_grad.narrow(0, bucket.offset // self.dp, bucket.shard_numel)
+            if narrow:
+                bucket.comm = self.comm_buffer.narrow(0, bucket.offset, bucket.numel)
+                if self.zero == 1:
+                    bucket.comm_shard = self.comm_shard.narrow(0, bucket.offset // self.dp, bucket.shard_numel)
         self._named = named
         self.rebind_params(force=True)
 
@@ -286,7 +319,15 @@ class DataParallel(nn.Module):
             if bucket.handle is not None:
                 bucket.launched = True
                 return
-        if self.zero == 1:
+        if bucket.comm is not None:  # grad_reduce_dtype=bf16
+            bucket.comm.copy_(bucket.grad)
+            if self.zero == 1:
+                work = comm.reduce_scatter_tensor(bucket.comm_shard, bucket.comm, group, async_op=True)
+                bucket.handle = _CastBackWork(work, bucket.comm_shard, bucket.shard_grad)
+            else:
+                bucket.handle = _CastBackWork(comm.all_reduce(bucket.comm, group, async_op=True),
+                                              bucket.comm, bucket.grad)
+        elif self.zero == 1:
             bucket.handle = comm.reduce_scatter_tensor(bucket.shard_grad, bucket.grad, group, async_op=True)
         else:
             bucket.handle = comm.all_reduce(bucket.grad, group, async_op=True)
@@ -307,7 +348,7 @@ class DataParallel(nn.Module):
         self.embedding_rows_reduced = rows.numel()  # for tests and benchmarks
         if 2 * rows.numel() > rows2d.shape[0]:
             return None
-        values = rows2d.index_select(0, rows)
+        values = rows2d.index_select(0, rows).to(self.reduce_dtype)
         work = comm.all_reduce(values, self.mesh.dp_group, async_op=True)
         shard = None
         if self.zero == 1:  # what reduce_scatter would leave: this rank's slice of the summed bucket

@@ -21,8 +21,9 @@ Two halves:
    output for all-gather, the full input for reduce-scatter; calls on a group
    of size 1 are not recorded):
 
-   - DP, zero=0: all-reduce of the fp32 gradient buffer (every trainable
-     local parameter, each bucket padded to a multiple of dp·64 elements);
+   - DP, zero=0: all-reduce of the gradient buffer (every trainable
+     local parameter, each bucket padded to a multiple of dp·64 elements;
+     4 bytes an element, 2 with `parallel.grad_reduce_dtype=bf16`);
      zero=1: reduce-scatter of the same buffer + all-gather of the updated
      parameters (param dtype). Plus 8-byte scalars: the global token count,
      grad-norm partial sums over dp under zero=1, and on the last stage the
@@ -251,16 +252,17 @@ def expected_comm_bytes(cfg, world_size: int, rank: int = 0, act_bytes: int | No
 
     chunks = chunk_param_numels(m, tp, pp, pp_rank, vs, p.pp_layers, t.trainable, getattr(cfg, "lora", None))
     tied_split = m.tie_embeddings and pp > 1
+    grad_bytes = 2 if p.grad_reduce_dtype == "bf16" else 4
     # ------------------------------------------------------------ DP (and scalars on dp)
     if dp > 1:
         _add(out, "all_reduce", "dp", 8)  # global token count (float64)
         for params in chunks:
             for numel in bucket_numels(params, dp, p.bucket_mb, tied_split):
                 if p.zero == 1:
-                    _add(out, "reduce_scatter", "dp", numel * 4)
+                    _add(out, "reduce_scatter", "dp", numel * grad_bytes)
                     _add(out, "all_gather", "dp", numel * param_bytes)
                 else:
-                    _add(out, "all_reduce", "dp", numel * 4)
+                    _add(out, "all_reduce", "dp", numel * grad_bytes)
         if p.zero == 1:
             _add(out, "all_reduce", "dp", 8)  # grad-norm partial sums
         if last_stage:

@@ -155,6 +155,9 @@ def estimate_memory(cfg, world_size: int, pp_rank: int | None = None, weights: s
     grads = buffer * 4.0
     if p.zero == 1:
         grads += buffer * 4.0 / dp
+    if p.grad_reduce_dtype == "bf16" and dp > 1:  # the bf16 copy that goes on the wire (zero=1: and its shard)
+        grads += buffer * 2.0 * (1 + (1 / dp if p.zero == 1 else 0))
+    if p.zero == 1:
         real = sum(k for c in train_chunks for _, k in c)  # Adam m, v exist for real elements, master for padding too
         optimizer = buffer * 4.0 / dp + real * 8.0 / dp
     else:
@@ -224,6 +227,8 @@ def measure_model_state_bytes(chunks, optimizer) -> dict:
             params += add(prm)
         grads += add(getattr(chunk, "grad_buffer", None))
         grads += add(getattr(chunk, "shard_grad", None))
+        grads += add(getattr(chunk, "comm_buffer", None))
+        grads += add(getattr(chunk, "comm_shard", None))
     for master in getattr(optimizer, "masters", []) or []:
         opt += add(master)
     inner = getattr(optimizer, "inner", None)

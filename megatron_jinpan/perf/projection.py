@@ -114,6 +114,7 @@ def cpu_overlap_measurement(path: Path) -> dict:
             # so parallel.sparse_embedding_grad falls back to dense there
             if (r.get("model") == "tiny" and r.get("nproc") == "2" and r.get("link_gbps") in ("2.0", "2")
                     and r.get("sparse_embedding_grad", "") in ("", "False", "false")
+                    and r.get("grad_reduce_dtype", "") in ("", "fp32")  # the projection sends fp32 gradients
                     and r.get("hidden_fraction_wait") not in (None, "", "nan")):
                 latest[r["zero"]] = float(r["hidden_fraction_wait"])
     if not latest:
