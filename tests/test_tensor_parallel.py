@@ -112,6 +112,23 @@ def test_cross_entropy_tp1_matches_torch():
     ref.sum().backward()
     _close(loss, ref.detach())
     _close(x.grad, x2.grad)
+    assert torch.equal(x.detach(), x2.detach())  # the logits are not written to
+
+
+def test_cross_entropy_second_backward_raises():
+    """The saved softmax becomes the gradient in place, so a second walk back must fail loudly, not silently."""
+    import pytest
+
+    from megatron_jinpan.parallel.tensor import vocab_parallel_cross_entropy
+
+    class Mesh:
+        tp, tp_rank, tp_group = 1, 0, None
+
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    loss = vocab_parallel_cross_entropy(x, torch.randint(0, 10, (2, 5)), 10, Mesh()).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
 
 
 # ---------------------------------------------------------------- apply_tensor_parallel: specs and GQA grouping

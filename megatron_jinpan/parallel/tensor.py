@@ -367,18 +367,27 @@ def apply_tensor_parallel(chunk, mesh, pcfg) -> None:
 
 # ---------------------------------------------------------------- vocab-parallel cross-entropy
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Softmax cross-entropy over vocab-split logits; two passes over [b, s, V'/tp] forward, one backward.
+
+    The shifted logits are the only full-size temporary (exp and the softmax are taken in place in it), and
+    backward turns that saved softmax into the gradient in place (as Megatron does), so the graph can be
+    walked back once: a second backward (retain_graph=True) raises instead of returning a wrong gradient.
+    """
+
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, vocab_size, group):
         x = logits.float()
         n_local = x.shape[-1]
-        # Padded vocab columns (global index >= vocab_size) never win: -inf.
-        valid_cols = vocab_size - vocab_start
-        if valid_cols < n_local:
-            x = x.clone()
-            x[..., max(valid_cols, 0):] = float("-inf")
-        logits_max = x.max(dim=-1).values
+        # Padded vocab columns (global index >= vocab_size) never win: left out of the max, -inf after the shift.
+        valid_cols = min(max(vocab_size - vocab_start, 0), n_local)
+        if valid_cols == 0:  # a rank holding padding only
+            logits_max = torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)
+        else:
+            logits_max = (x if valid_cols == n_local else x[..., :valid_cols]).max(dim=-1).values
         _tp_all_reduce(logits_max, group, op=dist.ReduceOp.MAX)
-        x = x - logits_max.unsqueeze(-1)
+        x = x - logits_max.unsqueeze(-1)  # a new tensor: logits stay untouched
+        if valid_cols < n_local:
+            x[..., valid_cols:] = float("-inf")
         # Target logit: only the rank owning the label's column contributes.
         outside = (labels < vocab_start) | (labels >= vocab_start + n_local)
         local = (labels - vocab_start).masked_fill(outside, 0)
@@ -391,12 +400,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         softmax = exp.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, local, outside)
         ctx.logits_dtype = logits.dtype
+        ctx.consumed = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.consumed:
+            raise RuntimeError("vocab-parallel cross-entropy reuses its saved softmax as the gradient, so its "
+                               "graph can be walked back once only; recompute the loss instead of retain_graph=True")
+        ctx.consumed = True
         softmax, local, outside = ctx.saved_tensors
-        grad = softmax.clone()
+        grad = softmax  # d loss / d logits = softmax - onehot(target), built in place
         hit = (~outside).to(grad.dtype)
         grad.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
         grad.mul_(grad_loss.unsqueeze(-1))
