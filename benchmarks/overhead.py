@@ -1,6 +1,6 @@
 """Engine overhead: one process of our trainer vs a plain Hugging Face LlamaForCausalLM + AdamW loop, same shape.
 
-    python benchmarks/overhead.py --rounds 5 --steps 6 --out benchmarks/results/overhead_cpu.csv
+    python benchmarks/overhead.py --rounds 5 --steps 8 --out benchmarks/results/overhead_cpu.csv
 
 Shape (issue #17): the `tiny` model (8 layers, hidden 384, GQA 6/2 heads, vocab 8000), global batch 8 x
 seq 256 in micro-batches of 4, fp32, SDPA attention, AdamW (same betas, eps, weight decay, lr), gradient
@@ -8,8 +8,14 @@ clipping at 1.0, on one process. Ours is `training.loop.pretrain` on mock tokens
 does (LR schedule, loss-unit all-reduce, grad-norm, metrics; no eval, no checkpoint, straggler detector
 off); tokens/s from its step_time_s. The plain loop is the textbook one: per micro-batch
 `model(input_ids, labels=...).loss / 2`, backward; clip; step; zero_grad, on pre-generated random tokens
-(no data loading at all). Rounds alternate which runs first; the first `--warmup` steps of each run are
-dropped; the ratio is ours/plain tokens/s per round, and its median over rounds.
+(no data loading at all).
+
+`--mode interleaved` (default): one run of ours per round, with one plain step run inside each of its steps
+(through the task's `prepare` hook, after our data fetch) and timed on its own; ours = step_time_s minus
+that plain step. Both see the same machine within the same second, so drift on a shared VM (+-10% over
+minutes here) cancels; the ratio is median(plain step) / median(our step) per round.
+`--mode separate`: the two loops run one after the other, alternating which goes first; noisier.
+The first `--warmup` steps of each run are dropped; the reported ratio is the median over rounds.
 """
 from __future__ import annotations
 
@@ -29,50 +35,85 @@ GLOBAL, MICRO, SEQ = 8, 4, 256
 
 
 def ours(steps: int, warmup: int, run_dir: str) -> float:
-    from megatron_jinpan.config import load_config
     from megatron_jinpan.training.loop import pretrain
 
-    cfg = load_config(None, [
+    records = pretrain(_ours_config(steps, run_dir)).records[warmup:]
+    return GLOBAL * SEQ / statistics.median(r["step_time_s"] for r in records)
+
+
+def _ours_config(steps: int, run_dir: str):
+    from megatron_jinpan.config import load_config
+
+    return load_config(None, [
         "model.name=tiny", f"train.global_batch={GLOBAL}", f"train.micro_batch={MICRO}", f"train.seq_len={SEQ}",
         "train.dtype=fp32", "train.device=cpu", "kernels.attention=sdpa", "data.mock=true", f"train.steps={steps}",
         "train.eval_interval=0", "log.progress=false", "log.tensorboard=false", "checkpoint.resume=never",
         "checkpoint.save_on_exit=false", f"run_dir={run_dir}"])
-    records = pretrain(cfg).records[warmup:]
-    return GLOBAL * SEQ / statistics.median(r["step_time_s"] for r in records)
+
+
+def interleaved(steps: int, warmup: int, run_dir: str) -> tuple[float, float]:
+    """(ours, plain) tokens/s from one run of ours with a plain step timed inside each of its steps."""
+    from dataclasses import replace
+
+    from megatron_jinpan.training.loop import pretrain
+    from megatron_jinpan.training.task import language_model_task
+
+    plain_step = PlainLoop()
+    plain_s: list[float] = []
+
+    def make_task(cfg, mesh):
+        def prepare(microbatches, step):
+            plain_s.append(plain_step())
+            return microbatches
+        return replace(language_model_task(cfg, mesh), prepare=prepare)
+
+    records = pretrain(_ours_config(steps, run_dir), make_task=make_task).records
+    ours_s = [r["step_time_s"] - p for r, p in zip(records, plain_s)][warmup:]
+    return GLOBAL * SEQ / statistics.median(ours_s), GLOBAL * SEQ / statistics.median(plain_s[warmup:])
+
+
+class PlainLoop:
+    """The textbook Hugging Face loop; each call runs one optimizer step and returns its seconds."""
+
+    def __init__(self):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from megatron_jinpan.models import get_model_config
+
+        m = get_model_config("tiny")
+        hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                             num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                             num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_seq_len,
+                             rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps, tie_word_embeddings=False,
+                             attn_implementation="sdpa")
+        torch.manual_seed(0)
+        self.vocab = m.vocab_size
+        self.model = LlamaForCausalLM(hf_cfg).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __call__(self) -> float:
+        batches = [torch.randint(0, self.vocab, (MICRO, SEQ), generator=self.gen) for _ in range(GLOBAL // MICRO)]
+        t0 = time.perf_counter()
+        for ids in batches:
+            (self.model(input_ids=ids, labels=ids).loss / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
 
 
 def plain(steps: int, warmup: int) -> float:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megatron_jinpan.models import get_model_config
-
-    m = get_model_config("tiny")
-    hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-                         num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_seq_len,
-                         rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps, tie_word_embeddings=False,
-                         attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(hf_cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(steps):
-        batches = [torch.randint(0, m.vocab_size, (MICRO, SEQ), generator=gen) for _ in range(GLOBAL // MICRO)]
-        t0 = time.perf_counter()
-        for ids in batches:
-            (model(input_ids=ids, labels=ids).loss / len(batches)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+    step = PlainLoop()
+    times = [step() for _ in range(steps)]
     return GLOBAL * SEQ / statistics.median(times[warmup:])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--mode", choices=("interleaved", "separate"), default="interleaved")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--run-dir", default="runs/overhead")
     ap.add_argument("--out", default="benchmarks/results/overhead_cpu.csv")
@@ -81,10 +122,15 @@ def main() -> None:
 
     rows = []
     for r in range(args.rounds):
-        order = ("ours", "plain") if r % 2 == 0 else ("plain", "ours")
-        tok = {}
-        for name in order:
-            tok[name] = ours(args.steps, args.warmup, args.run_dir) if name == "ours" else plain(args.steps, args.warmup)
+        if args.mode == "interleaved":
+            order = ("interleaved",)
+            tok = dict(zip(("ours", "plain"), interleaved(args.steps, args.warmup, args.run_dir)))
+        else:
+            order = ("ours", "plain") if r % 2 == 0 else ("plain", "ours")
+            tok = {}
+            for name in order:
+                tok[name] = (ours(args.steps, args.warmup, args.run_dir) if name == "ours"
+                             else plain(args.steps, args.warmup))
         rows.append({"round": r, "order": ",".join(order), "ours_tok_s": tok["ours"], "plain_hf_tok_s": tok["plain"],
                      "ratio": tok["ours"] / tok["plain"]})
         print(f"round {r}: ours {tok['ours']:.0f} tok/s, plain HF {tok['plain']:.0f} tok/s, ratio {rows[-1]['ratio']:.3f}",
