@@ -2,6 +2,7 @@
 
     python benchmarks/project.py                       # a800 + h100 presets -> benchmarks/results/projection.*
     python benchmarks/project.py --cluster h100 --mfu 0.5 --overlap 0.6
+    python benchmarks/project.py --grad-reduce-dtype bf16 --out /tmp/proj_bf16   # parallel.grad_reduce_dtype=bf16
     python benchmarks/project.py --calibrate           # gloo α-β fit + CPU step-time validation (validation_cpu.csv)
 
 Same as `jinpan bench project` / `jinpan bench calibrate`; the model is described in docs/scaling.md.
@@ -25,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--mfu", type=float, default=None)
     ap.add_argument("--overlap", type=float, default=None)
+    ap.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--out", default=str(DEFAULT_RESULTS))
     a = ap.parse_args(argv)
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
         calibrate_and_validate(a.out)
         return 0
     run_projection(a.out, a.cluster.split(","), a.models.split(","), [int(x) for x in a.gpus.split(",")],
-                   a.per_gpu_batch, a.seq_len, a.mfu, a.overlap)
+                   a.per_gpu_batch, a.seq_len, a.mfu, a.overlap, a.grad_reduce_dtype)
     return 0
 
 

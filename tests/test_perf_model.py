@@ -64,3 +64,15 @@ def test_projection_monotone_and_sane():
     assert slow.step(64, Plan(2, 1, 32, 1, 1, "none", False), with_memory=False)["dp_comm_s"] > \
         proj.step(64, Plan(2, 1, 32, 1, 1, "none", False), with_memory=False)["dp_comm_s"]
     assert not math.isnan(best64["efficiency"] if "efficiency" in best64 else 0.0)
+
+
+def test_projection_bf16_gradient_reduction_halves_dp_bytes():
+    """--grad-reduce-dtype bf16: the DP reduction moves half the bytes (plus the same per-bucket latency) and
+    the memory estimate carries the bf16 wire buffer."""
+    plan = Plan(tp=2, pp=1, dp=32, micro_batch=1, zero=1, recompute="none", sp=False)
+    fp32 = Projector(CLUSTERS["a800"], "llama-7b", mfu=0.57, overlap=0.8).step(64, plan)
+    bf16 = Projector(CLUSTERS["a800"], "llama-7b", mfu=0.57, overlap=0.8, grad_reduce_dtype="bf16").step(64, plan)
+    ratio = bf16["dp_comm_s"] / fp32["dp_comm_s"]
+    assert 0.6 < ratio < 0.8, ratio  # the gradient reduce-scatter halves; the fp32 weight all-gather does not
+    assert bf16["step_time_s"] <= fp32["step_time_s"]
+    assert bf16["mem_gb"] > fp32["mem_gb"]

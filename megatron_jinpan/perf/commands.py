@@ -104,7 +104,7 @@ def cmd_project(args) -> int:
     out = Path(args.out) if args.out else DEFAULT_RESULTS
     run_projection(out, clusters=args.cluster.split(","), models=args.models.split(","),
                    gpu_counts=[int(x) for x in args.gpus.split(",")], per_gpu_batch=args.per_gpu_batch,
-                   seq_len=args.seq_len, mfu=args.mfu, overlap=args.overlap)
+                   seq_len=args.seq_len, mfu=args.mfu, overlap=args.overlap, grad_reduce_dtype=args.grad_reduce_dtype)
     return 0
 
 
@@ -143,6 +143,8 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--mfu", type=float, default=None, help="single-device MFU (default: measured CSV or 0.572)")
     p.add_argument("--overlap", type=float, default=None, help="DP overlap fraction (default: CSV or 0.8)")
+    p.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="parallel.grad_reduce_dtype of the projected runs (bf16: half the DP gradient bytes)")
     p.add_argument("--out", default=None)
     p.set_defaults(func=cmd_project)
 

@@ -14,7 +14,7 @@ sequences of `seq_len` tokens whatever N; a model replica = tp·pp GPUs):
              collectives are hidden behind weight-grad GEMMs by the `tp_overlap` share (tp_comm_overlap)
   PP         1F1B: T_pipe = (T_c + T_tp + T_p2p) · (m·v + p - 1)/(m·v)    (bubble (p-1)/(m·v+p-1));
              p2p of [b,s,h] forward and backward per micro-batch on NVLink or IB
-  DP         fp32 gradient buckets (bucket_mb): ring all-reduce (zero=0) or reduce-scatter +
+  DP         gradient buckets (bucket_mb; fp32, or bf16 with grad_reduce_dtype): ring all-reduce (zero=0) or reduce-scatter +
              all-gather (zero=1), hierarchical across nodes; only the backward of the LAST micro-batch
              can hide the reduce-scatter/all-reduce (gradient accumulation), and only the forward of the
              first one the ZeRO all-gather: exposed = T - min(f·T, window), f = DP overlap fraction
@@ -128,7 +128,8 @@ def cpu_overlap_measurement(path: Path) -> dict:
 class Projector:
     def __init__(self, cluster: Cluster, model: str, seq_len: int = 2048, per_gpu_batch: float = 4,
                  mfu: float | None = None, overlap: float | None = None, tp_overlap: float = DEFAULT_TP_OVERLAP,
-                 bucket_mb: float = 25.0, act_bytes: int = 2, overlap_param_gather: bool = True):
+                 bucket_mb: float = 25.0, act_bytes: int = 2, overlap_param_gather: bool = True,
+                 grad_reduce_dtype: str = "fp32"):
         from ..models.config import get_model_config
 
         self.cluster, self.model_name = cluster, model
@@ -139,6 +140,7 @@ class Projector:
         self.overlap = overlap if overlap is not None else meas.get("overlap", DEFAULT_OVERLAP)
         self.tp_overlap, self.bucket_mb, self.act = tp_overlap, bucket_mb, act_bytes
         self.overlap_param_gather = overlap_param_gather
+        self.grad_reduce_dtype = grad_reduce_dtype  # parallel.grad_reduce_dtype: bytes per gradient element on the wire
 
     # ------------------------------------------------------------ one layout
     def config(self, n: int, plan: Plan):
@@ -149,6 +151,7 @@ class Projector:
               f"train.micro_batch={plan.micro_batch}", f"train.recompute={plan.recompute}", "train.dtype=bf16",
               f"parallel.tp={plan.tp}", f"parallel.pp={plan.pp}", f"parallel.zero={plan.zero}",
               f"parallel.sp={str(plan.sp).lower()}", f"parallel.bucket_mb={self.bucket_mb}",
+              f"parallel.grad_reduce_dtype={self.grad_reduce_dtype}",
               "kernels.attention=flash_attn"]
         if plan.vs > 1:
             ov += ["parallel.pp_schedule=interleaved", f"parallel.virtual_stages={plan.vs}"]
@@ -209,12 +212,13 @@ class Projector:
         local = worst
         t_dp_red = t_dp_ag = 0.0
         if dp > 1:
-            per_bucket = local * 4 / n_buckets
+            grads = local * (2 if self.grad_reduce_dtype == "bf16" else 4) / n_buckets  # per bucket, on the wire
+            weights = local * 4 / n_buckets  # fp32 weights, all-gathered after a ZeRO-1 step
             if plan.zero == 1:
-                t_dp_red = n_buckets * collective_time("reduce_scatter", per_bucket, dp, tp, c)
-                t_dp_ag = n_buckets * collective_time("all_gather", per_bucket, dp, tp, c)
+                t_dp_red = n_buckets * collective_time("reduce_scatter", grads, dp, tp, c)
+                t_dp_ag = n_buckets * collective_time("all_gather", weights, dp, tp, c)
             else:
-                t_dp_red = n_buckets * collective_time("all_reduce", per_bucket, dp, tp, c)
+                t_dp_red = n_buckets * collective_time("all_reduce", grads, dp, tp, c)
         window_bwd = t_c_mb * (2 / 3 + (extra / (f_tok + extra)))
         window_fwd = t_c_mb / 3 if self.overlap_param_gather else 0.0
         exp_red = t_dp_red - min(self.overlap * t_dp_red, window_bwd)
@@ -278,7 +282,7 @@ class Projector:
 
 def run_projection(out_dir, clusters=("a800", "h100"), models=("llama-7b", "llama-13b"),
                    gpu_counts=(8, 16, 32, 64, 128, 256, 512, 640), per_gpu_batch: float = 4, seq_len: int = 2048,
-                   mfu: float | None = None, overlap: float | None = None) -> list[dict]:
+                   mfu: float | None = None, overlap: float | None = None, grad_reduce_dtype: str = "fp32") -> list[dict]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meas = measured_inputs()
@@ -286,7 +290,7 @@ def run_projection(out_dir, clusters=("a800", "h100"), models=("llama-7b", "llam
     for cname in clusters:
         cluster = CLUSTERS[cname]
         for model in models:
-            proj = Projector(cluster, model, seq_len, per_gpu_batch, mfu, overlap)
+            proj = Projector(cluster, model, seq_len, per_gpu_batch, mfu, overlap, grad_reduce_dtype=grad_reduce_dtype)
             base = None
             for n in gpu_counts:
                 row = proj.best(n)
@@ -313,7 +317,7 @@ def run_projection(out_dir, clusters=("a800", "h100"), models=("llama-7b", "llam
               f"({'given' if mfu is not None else meas.get('mfu_source', 'issue: 566 TFLOP/s on H100')}), "
               f"DP overlap fraction {overlap if overlap is not None else meas.get('overlap', DEFAULT_OVERLAP):.2f} "
               f"({'given' if overlap is not None else meas.get('overlap_source', 'assumed')}), "
-              f"{per_gpu_batch:g} x {seq_len} tokens per GPU per step")
+              f"{per_gpu_batch:g} x {seq_len} tokens per GPU per step, DP gradients in {grad_reduce_dtype}")
     lines = ["# Projected weak scaling (α-β model)", "", f"Inputs: {inputs}.", ""]
     for cname in clusters:
         lines += [f"## {CLUSTERS[cname].describe()}", "",
