@@ -1,6 +1,6 @@
 """Engine overhead: one process of our trainer vs a plain Hugging Face LlamaForCausalLM + AdamW loop, same shape.
 
-    python benchmarks/overhead.py --rounds 5 --steps 8 --out benchmarks/results/overhead_cpu.csv
+    python benchmarks/overhead.py --rounds 5 --steps 12 --out benchmarks/results/overhead_cpu.csv
 
 Shape (issue #17): the `tiny` model (8 layers, hidden 384, GQA 6/2 heads, vocab 8000), global batch 8 x
 seq 256 in micro-batches of 4, fp32, SDPA attention, AdamW (same betas, eps, weight decay, lr), gradient

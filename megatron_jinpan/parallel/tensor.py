@@ -367,7 +367,7 @@ def apply_tensor_parallel(chunk, mesh, pcfg) -> None:
 
 # ---------------------------------------------------------------- vocab-parallel cross-entropy
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Softmax cross-entropy over vocab-split logits; two passes over [b, s, V'/tp] forward, one backward.
+    """Softmax cross-entropy over vocab-split logits ([b, s, V'/tp] per TP rank), fp32 math.
 
     The shifted logits are the only full-size temporary (exp and the softmax are taken in place in it), and
     backward turns that saved softmax into the gradient in place (as Megatron does), so the graph can be
