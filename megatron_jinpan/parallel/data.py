@@ -111,35 +111,18 @@ class Bucket:
     _dp: int = 1
 
 
-class _CastBackWork:
-    """Handle of a reduction done in a narrower dtype: wait() finishes it and copies the result into `dst`."""
+class _WorkThen:
+    """Handle of a reduction whose result still has to be put in place (a bf16 sum cast back into the fp32
+    buffer, the touched embedding rows written back): wait() finishes the collective, then `finish()`, once."""
 
-    def __init__(self, work, src, dst):
-        self.work, self.src, self.dst = work, src, dst
+    def __init__(self, work, finish):
+        self.work, self.finish = work, finish
         self.done = False
 
     def wait(self):
         if not self.done:
             self.work.wait()
-            self.dst.copy_(self.src)
-            self.done = True
-        return True
-
-
-class _TouchedRowsWork:
-    """Handle of a row-sparse embedding reduction: wait() finishes the rows' all-reduce, writes them back into
-    the gradient buffer and (zero=1) copies this rank's slice to shard_grad."""
-
-    def __init__(self, work, rows2d, rows, values, shard):
-        self.work, self.rows2d, self.rows, self.values, self.shard = work, rows2d, rows, values, shard
-        self.done = False
-
-    def wait(self):
-        if not self.done:
-            self.work.wait()
-            self.rows2d.index_copy_(0, self.rows, self.values.to(self.rows2d.dtype))
-            if self.shard is not None:
-                self.shard[0].copy_(self.shard[1])
+            self.finish()
             self.done = True
         return True
 
@@ -323,10 +306,10 @@ class DataParallel(nn.Module):
             bucket.comm.copy_(bucket.grad)
             if self.zero == 1:
                 work = comm.reduce_scatter_tensor(bucket.comm_shard, bucket.comm, group, async_op=True)
-                bucket.handle = _CastBackWork(work, bucket.comm_shard, bucket.shard_grad)
+                bucket.handle = _WorkThen(work, lambda: bucket.shard_grad.copy_(bucket.comm_shard))
             else:
-                bucket.handle = _CastBackWork(comm.all_reduce(bucket.comm, group, async_op=True),
-                                              bucket.comm, bucket.grad)
+                work = comm.all_reduce(bucket.comm, group, async_op=True)
+                bucket.handle = _WorkThen(work, lambda: bucket.grad.copy_(bucket.comm))
         elif self.zero == 1:
             bucket.handle = comm.reduce_scatter_tensor(bucket.shard_grad, bucket.grad, group, async_op=True)
         else:
@@ -350,10 +333,12 @@ class DataParallel(nn.Module):
             return None
         values = rows2d.index_select(0, rows).to(self.reduce_dtype)
         work = comm.all_reduce(values, self.mesh.dp_group, async_op=True)
-        shard = None
-        if self.zero == 1:  # what reduce_scatter would leave: this rank's slice of the summed bucket
-            shard = (bucket.shard_grad, bucket.grad.narrow(0, self.dp_rank * bucket.shard_numel, bucket.shard_numel))
-        return _TouchedRowsWork(work, rows2d, rows, values, shard)
+
+        def write_back():
+            rows2d.index_copy_(0, rows, values.to(rows2d.dtype))
+            if self.zero == 1:  # what reduce_scatter would leave: this rank's slice of the summed bucket
+                bucket.shard_grad.copy_(bucket.grad.narrow(0, self.dp_rank * bucket.shard_numel, bucket.shard_numel))
+        return _WorkThen(work, write_back)
 
     # ---------------------------------------------------------------- public API
     def forward(self, *args, **kwargs):

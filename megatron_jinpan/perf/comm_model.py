@@ -232,6 +232,11 @@ def _add(out: dict, op: str, group: str, nbytes: float, calls: int = 1) -> None:
     entry["bytes"] += int(nbytes)
 
 
+def grad_wire_bytes(grad_reduce_dtype: str) -> int:
+    """Bytes per gradient element the DP reduction sends (`parallel.grad_reduce_dtype`)."""
+    return 2 if grad_reduce_dtype == "bf16" else 4
+
+
 def expected_comm_bytes(cfg, world_size: int, rank: int = 0, act_bytes: int | None = None,
                         param_bytes: int = 4) -> dict:
     """{(op, group): {"calls", "bytes"}} that comm accounting records on `rank` for one optimizer step.
@@ -252,7 +257,7 @@ def expected_comm_bytes(cfg, world_size: int, rank: int = 0, act_bytes: int | No
 
     chunks = chunk_param_numels(m, tp, pp, pp_rank, vs, p.pp_layers, t.trainable, getattr(cfg, "lora", None))
     tied_split = m.tie_embeddings and pp > 1
-    grad_bytes = 2 if p.grad_reduce_dtype == "bf16" else 4
+    grad_bytes = grad_wire_bytes(p.grad_reduce_dtype)
     # ------------------------------------------------------------ DP (and scalars on dp)
     if dp > 1:
         _add(out, "all_reduce", "dp", 8)  # global token count (float64)

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .comm_model import bucket_numels, chunk_param_numels
+from .comm_model import bucket_numels, chunk_param_numels, grad_wire_bytes
 
 
 @dataclass
@@ -156,7 +156,7 @@ def estimate_memory(cfg, world_size: int, pp_rank: int | None = None, weights: s
     if p.zero == 1:
         grads += buffer * 4.0 / dp
     if p.grad_reduce_dtype == "bf16" and dp > 1:  # the bf16 copy that goes on the wire (zero=1: and its shard)
-        grads += buffer * 2.0 * (1 + (1 / dp if p.zero == 1 else 0))
+        grads += buffer * grad_wire_bytes(p.grad_reduce_dtype) * (1 + (1 / dp if p.zero == 1 else 0))
     if p.zero == 1:
         real = sum(k for c in train_chunks for _, k in c)  # Adam m, v exist for real elements, master for padding too
         optimizer = buffer * 4.0 / dp + real * 8.0 / dp

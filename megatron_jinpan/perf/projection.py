@@ -199,7 +199,7 @@ class Projector:
         t_pipe = ideal / (1 - bubble)
         # DP: fp32 gradient buckets
         cfg = self.config(n, plan)
-        from .comm_model import bucket_numels, chunk_param_numels
+        from .comm_model import bucket_numels, chunk_param_numels, grad_wire_bytes
 
         local = 0
         n_buckets = 0
@@ -212,7 +212,7 @@ class Projector:
         local = worst
         t_dp_red = t_dp_ag = 0.0
         if dp > 1:
-            grads = local * (2 if self.grad_reduce_dtype == "bf16" else 4) / n_buckets  # per bucket, on the wire
+            grads = local * grad_wire_bytes(self.grad_reduce_dtype) / n_buckets  # per bucket, on the wire
             weights = local * 4 / n_buckets  # fp32 weights, all-gathered after a ZeRO-1 step
             if plan.zero == 1:
                 t_dp_red = n_buckets * collective_time("reduce_scatter", grads, dp, tp, c)
