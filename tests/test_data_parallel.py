@@ -68,8 +68,9 @@ def _setup(rank, world, port):
     torch.set_num_threads(1)
 
 
-def _one_backward(overrides, mesh, record=False):
-    """Build the debug model under `overrides`, run one step's forward/backward, finish the reduction."""
+def _one_backward(overrides, mesh, record=False, reduce=True):
+    """Build the debug model under `overrides`, run one step's forward/backward, finish the reduction (with
+    `reduce=False` and overlap off: leave this rank's own gradients in the buffer)."""
     from megatron_jinpan.config import load_config
     from megatron_jinpan.data import build_train_data
     from megatron_jinpan.parallel.parallelize import build_model
@@ -85,7 +86,8 @@ def _one_backward(overrides, mesh, record=False):
     chunk.zero_grad_buffer()
     forward_backward([chunk], mbs, language_model_loss(cfg.model.vocab_size, mesh), mesh, loss_scale=1.0 / tokens)
     events_before_finish = list(chunk.events) if record else None
-    chunk.finish_grad_sync()
+    if reduce:
+        chunk.finish_grad_sync()
     return chunk, events_before_finish
 
 
@@ -195,17 +197,7 @@ def _bf16_reduce_worker(rank, world, port):
     try:
         common = ["train.global_batch=2", "train.micro_batch=1", TINY]
         # this rank's own gradients, before any reduction (no overlap: nothing is launched during backward)
-        from megatron_jinpan.config import load_config
-        from megatron_jinpan.data import build_train_data
-        from megatron_jinpan.parallel.parallelize import build_model
-        from megatron_jinpan.training.losses import language_model_loss
-        from megatron_jinpan.training.schedules import forward_backward
-
-        cfg = load_config(None, BASE + common + ["parallel.overlap_grad_reduce=false"])
-        (local,) = build_model(cfg, mesh)
-        mbs = build_train_data(cfg).microbatches(0, mesh.dp_rank, mesh.dp)
-        tokens = sum(float(mb["loss_mask"].sum()) for mb in mbs) * mesh.dp
-        forward_backward([local], mbs, language_model_loss(cfg.model.vocab_size, mesh), mesh, loss_scale=1 / tokens)
+        local, _ = _one_backward(common + ["parallel.overlap_grad_reduce=false"], mesh, reduce=False)
         mine = local.grad_buffer.clone()
         both = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(both, mine)
