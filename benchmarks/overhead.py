@@ -16,6 +16,11 @@ that plain step. Both see the same machine within the same second, so drift on a
 minutes here) cancels; the ratio is median(plain step) / median(our step) per round.
 `--mode separate`: the two loops run one after the other, alternating which goes first; noisier.
 The first `--warmup` steps of each run are dropped; the reported ratio is the median over rounds.
+
+`--profile-out CSV`: where the time goes -- torch.profiler self CPU time per op, ms per optimizer step, ours
+beside the plain loop (`--profile-steps` steps each after two unprofiled ones), GEMM and non-GEMM totals first:
+
+    python benchmarks/overhead.py --rounds 0 --profile-out benchmarks/results/overhead_profile_cpu.csv
 """
 from __future__ import annotations
 
@@ -109,6 +114,66 @@ def plain(steps: int, warmup: int) -> float:
     return GLOBAL * SEQ / statistics.median(times[warmup:])
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def profile_ops(steps: int, run_dir: str) -> tuple[dict, dict]:
+    """{op name: self CPU ms per step} of ours and of the plain loop, `steps` steps each after two warm-up steps."""
+    from dataclasses import replace
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_jinpan.training.loop import pretrain
+    from megatron_jinpan.training.task import language_model_task
+
+    def per_step(prof) -> dict:
+        return {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+
+    profiler = profile(activities=[ProfilerActivity.CPU])
+
+    def make_task(cfg, mesh):
+        def prepare(microbatches, step):
+            if step == 2:  # from the third step's forward to the end of the run: `steps` whole steps
+                profiler.__enter__()
+            return microbatches
+        return replace(language_model_task(cfg, mesh), prepare=prepare)
+
+    pretrain(_ours_config(2 + steps, run_dir), make_task=make_task)
+    profiler.__exit__(None, None, None)
+    ours_ms = per_step(profiler)
+
+    plain_step = PlainLoop()
+    for _ in range(2):
+        plain_step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            plain_step()
+    return ours_ms, per_step(prof)
+
+
+def profile_rows(ours_ms: dict, plain_ms: dict, top: int = 25) -> list[dict]:
+    """Totals (all, GEMM, non-GEMM) then the `top` ops by the larger of the two, ms per step."""
+    def total(ms, keep):
+        return sum(v for k, v in ms.items() if keep(k))
+
+    rows = [{"op": name, "ours_ms_per_step": total(ours_ms, keep), "plain_hf_ms_per_step": total(plain_ms, keep)}
+            for name, keep in (("TOTAL", lambda k: True), ("GEMM", lambda k: k in GEMM_OPS),
+                               ("non-GEMM", lambda k: k not in GEMM_OPS))]
+    names = sorted(set(ours_ms) | set(plain_ms), key=lambda k: -max(ours_ms.get(k, 0.0), plain_ms.get(k, 0.0)))
+    rows += [{"op": k, "ours_ms_per_step": ours_ms.get(k, 0.0), "plain_hf_ms_per_step": plain_ms.get(k, 0.0)}
+             for k in names[:top]]
+    return rows
+
+
+def write_csv(path: str, rows: list[dict], meta: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **meta})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -117,8 +182,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--run-dir", default="runs/overhead")
     ap.add_argument("--out", default="benchmarks/results/overhead_cpu.csv")
+    ap.add_argument("--profile-out", help="also profile both loops and write self CPU ms per op to this CSV")
+    ap.add_argument("--profile-steps", type=int, default=3)
     args = ap.parse_args()
     from megatron_jinpan.perf.metadata import git_commit, hardware
+
+    meta = {"shape": f"tiny gb{GLOBAL} mb{MICRO} seq{SEQ} fp32 sdpa, 1 process", "threads": torch.get_num_threads(),
+            "hardware": hardware(), "commit": git_commit()}
+    if args.profile_out:
+        rows = profile_rows(*profile_ops(args.profile_steps, args.run_dir))
+        write_csv(args.profile_out, rows, meta)
+        for row in rows[:3]:
+            print(f"{row['op']}: ours {row['ours_ms_per_step']:.0f} ms/step, plain HF {row['plain_hf_ms_per_step']:.0f}")
+        print(f"profile -> {args.profile_out}")
+    if args.rounds <= 0:
+        return
 
     rows = []
     for r in range(args.rounds):
@@ -138,14 +216,7 @@ def main() -> None:
     rows.append({"round": "median", "order": "", "ours_tok_s": statistics.median(x["ours_tok_s"] for x in rows),
                  "plain_hf_tok_s": statistics.median(x["plain_hf_tok_s"] for x in rows),
                  "ratio": statistics.median(x["ratio"] for x in rows)})
-    meta = {"shape": f"tiny gb{GLOBAL} mb{MICRO} seq{SEQ} fp32 sdpa, 1 process", "threads": torch.get_num_threads(),
-            "hardware": hardware(), "commit": git_commit()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(meta))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **meta})
+    write_csv(args.out, rows, meta)
     print(f"ours / plain HF loop: {rows[-1]['ratio']:.3f}x tokens/s (median of {args.rounds} rounds) -> {args.out}")
 
 
