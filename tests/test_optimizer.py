@@ -134,7 +134,7 @@ def test_shard_adamw_matches_torch_adamw():
     grads = [torch.randn_like(p) for p in params]
     ref = [torch.nn.Parameter(p.clone()) for p in params]
     opt_ref = torch.optim.AdamW([{"params": [ref[0]], "weight_decay": 0.1}, {"params": [ref[1]], "weight_decay": 0.0}],
-                                lr=1e-2, betas=(0.9, 0.95), foreach=True)
+                                lr=1e-2, betas=(0.9, 0.95), fused=True)
     flat = torch.cat([p.reshape(-1) for p in params])
     gflat = torch.cat([g.reshape(-1) for g in grads])
     # split the first tensor across two "ranks" worth of segments
@@ -145,7 +145,7 @@ def test_shard_adamw_matches_torch_adamw():
         alias.grad = gflat[a:b]
         aliases.append((alias, wd))
     opt = torch.optim.AdamW([{"params": [a], "weight_decay": wd} for a, wd in aliases], lr=1e-2, betas=(0.9, 0.95),
-                            foreach=True)
+                            fused=True)  # as build_optimizer
     for _ in range(3):
         for p, g in zip(ref, grads):
             p.grad = g.clone()

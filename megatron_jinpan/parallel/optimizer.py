@@ -21,7 +21,7 @@ the memory it updates and whose `.grad` aliases the reduced gradient:
   and waited for in a forward pre-hook with `parallel.overlap_param_gather`
   (synchronously on the last step and on checkpoint steps).
 
-Both use the same `torch.optim.AdamW` (foreach on CPU, fused on GPU) with
+Both use the same fused `torch.optim.AdamW` (CPU and GPU) with
 decoupled weight decay on >=2-D parameters only, so zero=1 reproduces zero=0
 element for element. `train.trainable`: frozen parameters have no buffer and
 no state; with `new_embeddings` the rows below `train.new_embeddings_from`
@@ -91,11 +91,9 @@ class Optimizer:
         o = cfg.optim
         decay = [s.param for s in self.segments if s.decay]
         no_decay = [s.param for s in self.segments if not s.decay]
-        kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        if mesh.device.type == "cpu":
-            kwargs["foreach"] = True
-        else:
-            kwargs["fused"] = True
+        # fused: one pass per segment over param, grad, m and v (on CPU too: 9-11 ms a step for tiny's 18.7M
+        # parameters vs 60-75 ms foreach, whose op-by-op passes over every segment miss the cache)
+        kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
         groups = [{"params": decay, "weight_decay": o.weight_decay, "name": "decay"},
                   {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
         # Both groups always exist (possibly empty on a rank), so param_groups look alike everywhere.
