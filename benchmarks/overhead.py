@@ -56,23 +56,28 @@ def _ours_config(steps: int, run_dir: str):
         "checkpoint.save_on_exit=false", f"run_dir={run_dir}"])
 
 
-def interleaved(steps: int, warmup: int, run_dir: str) -> tuple[float, float]:
-    """(ours, plain) tokens/s from one run of ours with a plain step timed inside each of its steps."""
+def _ours_with_hook(steps: int, run_dir: str, before_step) -> list[dict]:
+    """Records of one run of ours that calls `before_step(step)` inside each timed step, after its data fetch
+    (through the task's `prepare` hook)."""
     from dataclasses import replace
 
     from megatron_jinpan.training.loop import pretrain
     from megatron_jinpan.training.task import language_model_task
 
-    plain_step = PlainLoop()
-    plain_s: list[float] = []
-
     def make_task(cfg, mesh):
         def prepare(microbatches, step):
-            plain_s.append(plain_step())
+            before_step(step)
             return microbatches
         return replace(language_model_task(cfg, mesh), prepare=prepare)
 
-    records = pretrain(_ours_config(steps, run_dir), make_task=make_task).records
+    return pretrain(_ours_config(steps, run_dir), make_task=make_task).records
+
+
+def interleaved(steps: int, warmup: int, run_dir: str) -> tuple[float, float]:
+    """(ours, plain) tokens/s from one run of ours with a plain step timed inside each of its steps."""
+    plain_step = PlainLoop()
+    plain_s: list[float] = []
+    records = _ours_with_hook(steps, run_dir, lambda step: plain_s.append(plain_step()))
     ours_s = [r["step_time_s"] - p for r, p in zip(records, plain_s)][warmup:]
     return GLOBAL * SEQ / statistics.median(ours_s), GLOBAL * SEQ / statistics.median(plain_s[warmup:])
 
@@ -119,26 +124,18 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 def profile_ops(steps: int, run_dir: str) -> tuple[dict, dict]:
     """{op name: self CPU ms per step} of ours and of the plain loop, `steps` steps each after two warm-up steps."""
-    from dataclasses import replace
-
     from torch.profiler import ProfilerActivity, profile
-
-    from megatron_jinpan.training.loop import pretrain
-    from megatron_jinpan.training.task import language_model_task
 
     def per_step(prof) -> dict:
         return {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
 
     profiler = profile(activities=[ProfilerActivity.CPU])
 
-    def make_task(cfg, mesh):
-        def prepare(microbatches, step):
-            if step == 2:  # from the third step's forward to the end of the run: `steps` whole steps
-                profiler.__enter__()
-            return microbatches
-        return replace(language_model_task(cfg, mesh), prepare=prepare)
+    def start_at_third_step(step):  # from the third step's forward to the end of the run: `steps` whole steps
+        if step == 2:
+            profiler.__enter__()
 
-    pretrain(_ours_config(2 + steps, run_dir), make_task=make_task)
+    _ours_with_hook(2 + steps, run_dir, start_at_third_step)
     profiler.__exit__(None, None, None)
     ours_ms = per_step(profiler)
 

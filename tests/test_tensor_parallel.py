@@ -97,15 +97,17 @@ def _check_layers(mesh):
     _close(local.grad, lr.grad.chunk(tp, -1)[r])
 
 
+class _OneRankMesh:
+    """What vocab_parallel_cross_entropy reads of a mesh, for tp=1 without a process group."""
+    tp, tp_rank, tp_group = 1, 0, None
+
+
 def test_cross_entropy_tp1_matches_torch():
     from megatron_jinpan.parallel.tensor import vocab_parallel_cross_entropy
 
-    class Mesh:
-        tp, tp_rank, tp_group = 1, 0, None
-
     x = torch.randn(2, 5, 12, requires_grad=True)
     y = torch.randint(0, 10, (2, 5))
-    loss = vocab_parallel_cross_entropy(x, y, 10, Mesh())
+    loss = vocab_parallel_cross_entropy(x, y, 10, _OneRankMesh())
     loss.sum().backward()
     x2 = x.detach().clone().requires_grad_()
     ref = F.cross_entropy(x2[..., :10].reshape(-1, 10), y.reshape(-1), reduction="none").view(2, 5)
@@ -121,11 +123,8 @@ def test_cross_entropy_second_backward_raises():
 
     from megatron_jinpan.parallel.tensor import vocab_parallel_cross_entropy
 
-    class Mesh:
-        tp, tp_rank, tp_group = 1, 0, None
-
     x = torch.randn(2, 5, 12, requires_grad=True)
-    loss = vocab_parallel_cross_entropy(x, torch.randint(0, 10, (2, 5)), 10, Mesh()).sum()
+    loss = vocab_parallel_cross_entropy(x, torch.randint(0, 10, (2, 5)), 10, _OneRankMesh()).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         loss.backward()
